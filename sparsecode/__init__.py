@@ -1,0 +1,12 @@
+"""sparsecode: sparse and discrete codes of neural-network activations (SAEs and VQ codebooks)."""
+
+from .checkpoint import load_coder
+from .code import Code, decode
+from .coder import Coder, CoderConfig, Output, build, get_method, methods, register
+from .errors import SparsecodeError
+from .evaluate import evaluate
+from .train import TrainConfig, Trainer, train
+
+__all__ = ["Code", "Coder", "CoderConfig", "Output", "SparsecodeError", "TrainConfig", "Trainer", "build",
+           "decode", "evaluate", "get_method", "load_coder", "methods", "register", "train"]
+__version__ = "0.1.0"

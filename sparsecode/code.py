@@ -1,0 +1,59 @@
+"""The seam every method shares: a `Code` (which atoms, with which weights) and its decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Code:
+    """k atoms per row of a dictionary of `size` atoms; index -1 marks an unused slot."""
+
+    indices: Tensor  # [B, k] long
+    values: Tensor  # [B, k]
+    size: int  # m, atoms in the dictionary
+
+    def __post_init__(self) -> None:
+        if self.indices.shape != self.values.shape or self.indices.ndim != 2:
+            raise ValueError(f"Code needs indices and values of one [B, k] shape, got "
+                             f"{tuple(self.indices.shape)} and {tuple(self.values.shape)}")
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+    def active(self) -> Tensor:
+        """[B, k] bool: slots that hold an atom with a non-zero weight."""
+        return (self.indices >= 0) & (self.values != 0)
+
+    def l0(self) -> Tensor:
+        """[B] number of active atoms per row."""
+        return self.active().sum(1)
+
+    def counts(self) -> Tensor:
+        """[m] how many rows each atom is active in."""
+        return torch.bincount(self.indices[self.active()], minlength=self.size)
+
+    def to_dense(self) -> Tensor:
+        """[B, m] dense matrix of weights; for tests and small analyses, never on the hot path."""
+        dense = self.values.new_zeros(self.indices.shape[0], self.size)
+        mask = self.indices >= 0
+        rows = torch.arange(self.indices.shape[0], device=self.indices.device)[:, None].expand_as(mask)
+        return dense.index_put_((rows[mask], self.indices[mask]), self.values[mask], accumulate=True)
+
+    def detach(self) -> Code:
+        return Code(self.indices, self.values.detach(), self.size)
+
+
+def decode(code: Code, atoms: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x̂ = Σ_j values[:, j] · atoms[indices[:, j]] (+ bias), in O(B·k·d) through embedding_bag."""
+    idx, val = code.indices, code.values.to(atoms.dtype)
+    unused = idx < 0
+    idx = idx.masked_fill(unused, 0)
+    val = val.masked_fill(unused, 0)
+    out = F.embedding_bag(idx, atoms, per_sample_weights=val, mode="sum")
+    return out if bias is None else out + bias

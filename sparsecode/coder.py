@@ -1,0 +1,147 @@
+"""The one interface every method implements (encode → Code → decode), and the method registry."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .code import Code
+from .config import check, from_dict
+from .errors import SparsecodeError
+
+
+@dataclass
+class CoderConfig:
+    """Options every method shares; each method's config subclasses this."""
+
+    d_in: int = 0  # width of the activations; filled in from the data source when 0
+    m: int = 1024  # atoms in the dictionary / codes in the codebook
+    dead_tokens: int = 1_000_000  # an atom that has not fired for this many tokens counts as dead
+
+    def validate(self) -> None:
+        check(self.d_in > 0, f"d_in must be positive, got {self.d_in}")
+        check(self.m > 0, f"m (dictionary size) must be positive, got {self.m}")
+        check(self.dead_tokens > 0, f"dead_tokens must be positive, got {self.dead_tokens}")
+
+
+@dataclass
+class Output:
+    """What a training forward pass returns: the trainer minimises the sum of `losses`."""
+
+    x_hat: Tensor
+    code: Code
+    losses: dict[str, Tensor]
+    stats: dict[str, float] = field(default_factory=dict)  # extra figures to log (e.g. restarts)
+
+
+class Coder(nn.Module):
+    """An encoder that picks a few atoms of a dictionary and a decoder that sums them.
+
+    Hooks the trainer calls, no-ops by default: `init_from_data` once before training,
+    `after_backward` between backward and the optimizer step, `after_step` after it.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[CoderConfig]] = CoderConfig
+
+    def __init__(self, cfg: CoderConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        # tokens since each atom last fired; drives dead-latent counts, AuxK and code restarts
+        self.register_buffer("since_fired", torch.zeros(cfg.m, dtype=torch.long))
+        self.generator: torch.Generator | None = None  # set by the trainer, for repeatable randomness
+
+    # --- the seam -------------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Code:
+        raise NotImplementedError
+
+    def decode(self, code: Code) -> Tensor:
+        raise NotImplementedError
+
+    def atoms(self) -> Tensor:
+        """[m, d_in] the dictionary in input space (decoder rows, or codebook vectors)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Output:
+        raise NotImplementedError
+
+    # --- hooks for the trainer ------------------------------------------------------------------
+    def init_from_data(self, x: Tensor) -> None:
+        """Initialise from a sample of the training data (b_dec from the mean, k-means codes...)."""
+
+    def after_backward(self) -> None:
+        """Adjust gradients before the optimizer step."""
+
+    def after_step(self) -> None:
+        """Restore constraints after the optimizer step."""
+
+    # --- shared helpers -------------------------------------------------------------------------
+    def check_input(self, x: Tensor) -> None:
+        if x.ndim != 2 or x.shape[1] != self.cfg.d_in:
+            raise SparsecodeError(
+                f"{self.name}: input has shape {tuple(x.shape)}, expected [batch, {self.cfg.d_in}]")
+
+    @torch.no_grad()
+    def track(self, code: Code) -> None:
+        """Update the tokens-since-fired counter with one batch's code (training only)."""
+        self.since_fired += code.indices.shape[0]
+        self.since_fired[code.counts() > 0] = 0
+
+    def dead_mask(self) -> Tensor:
+        return self.since_fired >= self.cfg.dead_tokens
+
+    def rand(self, *shape: int, device: torch.device | None = None) -> Tensor:
+        """Uniform [0, 1) noise from the run's generator (or the global one outside a trainer)."""
+        return torch.rand(*shape, generator=self.generator, device=device)
+
+    def config_dict(self) -> dict[str, Any]:
+        from .config import to_dict
+
+        return to_dict(self.cfg)
+
+
+REGISTRY: dict[str, type[Coder]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a Coder selectable as `--method name`."""
+
+    def wrap(cls: type[Coder]) -> type[Coder]:
+        if name in REGISTRY:
+            raise RuntimeError(f"method {name!r} registered twice")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_method(name: str) -> type[Coder]:
+    _load_methods()
+    if name not in REGISTRY:
+        near = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise SparsecodeError(f"unknown method {name!r}{hint}; choose from: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def methods() -> dict[str, type[Coder]]:
+    _load_methods()
+    return dict(sorted(REGISTRY.items()))
+
+
+def build(method: str, options: dict[str, Any]) -> Coder:
+    """Build a method from its name and a dict of its config options."""
+    cls = get_method(method)
+    cfg = from_dict(cls.config_class, options, f"{method!r}")
+    return cls(cfg)
+
+
+def _load_methods() -> None:
+    # importing the packages runs their @register decorators
+    from . import sae, vq  # noqa: F401

@@ -1,0 +1,126 @@
+"""Synthetic activations with known ground truth.
+
+`SparseFeatures`: n unit feature directions in d dims (n > d: superposition), each firing independently
+with a power-law frequency p_i ∝ (i+1)^-alpha scaled so that `active` fire per row on average, with
+coefficients uniform in [coef_min, coef_max] (random sign if `signed`), plus optional Gaussian noise.
+`Clusters`: a mixture of well-separated centres (unit norm) with isotropic noise of norm about `spread`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import check, derive_seed, from_dict
+from .source import SourceConfig, register_source
+
+
+
+@dataclass
+class SparseFeaturesConfig:
+    d: int = 64
+    n_features: int = 256
+    active: float = 6.0  # mean number of features firing per row
+    alpha: float = 0.5  # power-law exponent of the firing frequencies
+    coef_min: float = 0.5
+    coef_max: float = 1.5
+    signed: bool = False  # features occur with both signs
+    noise: float = 0.0  # std of the Gaussian noise per dimension
+
+    def validate(self) -> None:
+        check(self.d > 0 and self.n_features > 0, "d and n_features must be positive")
+        check(0 < self.active <= self.n_features, f"active must be in (0, n_features], got {self.active}")
+        check(0 <= self.coef_min <= self.coef_max, "need 0 <= coef_min <= coef_max")
+        check(self.alpha >= 0 and self.noise >= 0, "alpha and noise must be non-negative")
+
+
+@dataclass
+class ClustersConfig:
+    d: int = 64
+    n_clusters: int = 256
+    spread: float = 0.1  # expected norm of the noise around a centre (centres have norm 1)
+
+    def validate(self) -> None:
+        check(self.d > 0 and self.n_clusters > 0, "d and n_clusters must be positive")
+        check(self.spread >= 0, f"spread must be non-negative, got {self.spread}")
+
+
+class SparseFeatures:
+    """Rows x = Σ_i c_i f_i + noise over a sparse set of power-law-frequent features."""
+
+    def __init__(self, cfg: SparseFeaturesConfig, seed: int = 0, stream: str = "train"):
+        self.cfg, self.d = cfg, cfg.d
+        g = torch.Generator().manual_seed(derive_seed(seed, "truth"))
+        self.features = F.normalize(torch.randn(cfg.n_features, cfg.d, generator=g), dim=1)  # [n, d]
+        p = (torch.arange(cfg.n_features) + 1.0).pow(-cfg.alpha)
+        self.freq = (p * cfg.active / p.sum()).clamp(max=1.0)  # firing probability of each feature
+        self.generator = torch.Generator().manual_seed(derive_seed(seed, f"stream{stream}"))
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        """([n, d] rows, [n, n_features] true coefficients)."""
+        c, g = self.cfg, self.generator
+        fires = torch.rand(n, c.n_features, generator=g) < self.freq
+        coef = c.coef_min + (c.coef_max - c.coef_min) * torch.rand(n, c.n_features, generator=g)
+        if c.signed:
+            coef = coef * (torch.randint(0, 2, (n, c.n_features), generator=g) * 2 - 1)
+        coef = coef * fires
+        x = coef @ self.features
+        if c.noise:
+            x = x + c.noise * torch.randn(n, c.d, generator=g)
+        return x, coef
+
+    def next_batch(self, n: int) -> Tensor:
+        return self.sample(n)[0]
+
+    @property
+    def truth(self) -> Tensor:
+        return self.features
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class Clusters:
+    """Rows x = centre_c + noise, c uniform over well-separated unit-norm centres."""
+
+    def __init__(self, cfg: ClustersConfig, seed: int = 0, stream: str = "train"):
+        self.cfg, self.d = cfg, cfg.d
+        g = torch.Generator().manual_seed(derive_seed(seed, "truth"))
+        self.centres = F.normalize(torch.randn(cfg.n_clusters, cfg.d, generator=g), dim=1)
+        self.generator = torch.Generator().manual_seed(derive_seed(seed, f"stream{stream}"))
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        """([n, d] rows, [n] cluster labels)."""
+        g = self.generator
+        labels = torch.randint(0, self.cfg.n_clusters, (n,), generator=g)
+        noise = torch.randn(n, self.cfg.d, generator=g) * (self.cfg.spread / self.cfg.d**0.5)
+        return self.centres[labels] + noise, labels
+
+    def next_batch(self, n: int) -> Tensor:
+        return self.sample(n)[0]
+
+    @property
+    def truth(self) -> Tensor:
+        return self.centres
+
+    state_dict = SparseFeatures.state_dict
+    load_state_dict = SparseFeatures.load_state_dict
+
+
+@register_source("synthetic")
+def open_sparse(cfg: SourceConfig, split: str) -> SparseFeatures:
+    spec = from_dict(SparseFeaturesConfig, cfg.options, "synthetic source")
+    return SparseFeatures(spec, cfg.seed, split)
+
+
+@register_source("clusters")
+def open_clusters(cfg: SourceConfig, split: str) -> Clusters:
+    spec = from_dict(ClustersConfig, cfg.options, "clusters source")
+    return Clusters(spec, cfg.seed, split)

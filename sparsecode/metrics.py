@@ -1,0 +1,70 @@
+"""Reconstruction, sparsity and collapse figures shared by training logs, `eval` and the tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .code import Code
+
+
+def total_variance(x: Tensor) -> Tensor:
+    """‖x − mean(x)‖² over the batch (never zero, so it can divide)."""
+    return (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained over the batch: ‖x − x̂‖² / ‖x − mean(x)‖²."""
+    return (x - x_hat).pow(2).sum() / total_variance(x)
+
+
+def perplexity(counts: Tensor) -> float:
+    """exp of the entropy of the atoms' usage distribution (m when all are used equally)."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    return math.exp(-(p * p.clamp_min(1e-300).log()).sum().item())
+
+
+def recovery(atoms: Tensor, true_features: Tensor, threshold: float = 0.9) -> dict[str, float]:
+    """Share of true features whose best-matching atom has cosine > threshold, and the mean best cosine."""
+    cos = F.normalize(true_features.float(), dim=1) @ F.normalize(atoms.detach().float(), dim=1).t()
+    best = cos.max(dim=1).values
+    return {"recovered": (best > threshold).float().mean().item(), "mean_best_cos": best.mean().item()}
+
+
+class CodeStats:
+    """Accumulates FVU, L0 and atom usage over many batches (float64, global mean for the variance)."""
+
+    def __init__(self, m: int):
+        self.counts = torch.zeros(m, dtype=torch.float64)
+        self.rows = 0
+        self.l0 = 0.0
+        self.sq_err = 0.0
+        self.sum_x: Tensor | None = None
+        self.sum_sq_x = 0.0
+
+    @torch.no_grad()
+    def update(self, x: Tensor, x_hat: Tensor, code: Code) -> None:
+        x64 = x.detach().double()
+        self.sq_err += (x64 - x_hat.detach().double()).pow(2).sum().item()
+        s = x64.sum(0).cpu()
+        self.sum_x = s if self.sum_x is None else self.sum_x + s
+        self.sum_sq_x += x64.pow(2).sum().item()
+        self.rows += x.shape[0]
+        self.l0 += code.l0().sum().item()
+        self.counts += code.counts().cpu().double()
+
+    def result(self) -> dict[str, float]:
+        n = max(self.rows, 1)
+        var = self.sum_sq_x - (self.sum_x.pow(2).sum().item() / n if self.sum_x is not None else 0.0)
+        used = self.counts > 0
+        return {
+            "fvu": self.sq_err / max(var, 1e-12),
+            "l0": self.l0 / n,
+            "utilisation": used.double().mean().item(),
+            "perplexity": perplexity(self.counts),
+            "dense": (self.counts / n > 0.1).double().mean().item(),
+            "never_fired": (~used).double().mean().item(),
+        }

@@ -1,0 +1,71 @@
+"""TopK SAE (Gao et al. 2024): ReLU, keep the k largest; AuxK loss revives dead latents.
+
+AuxK: the residual x − x̂ is reconstructed by the top `aux_k` latents among those dead for
+`dead_tokens` tokens, weighted by `aux_coef` (1/32 in the paper); both losses share the FVU scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..code import Code, decode
+from ..coder import CoderConfig, Output, register
+from ..config import check
+from ..metrics import fvu, total_variance
+from .base import SAE
+
+
+@dataclass
+class TopKConfig(CoderConfig):
+    k: int = 32  # active latents per token
+    aux_k: int | None = None  # dead latents used by AuxK; None → d_in // 2
+    aux_coef: float = 1 / 32
+
+    def validate(self) -> None:
+        super().validate()
+        check(0 < self.k <= self.m, f"k must be in 1..m={self.m}, got k={self.k}")
+        check(self.aux_k is None or self.aux_k > 0, f"aux_k must be positive, got {self.aux_k}")
+        check(self.aux_coef >= 0, f"aux_coef must be non-negative, got {self.aux_coef}")
+
+
+@register("topk")
+class TopKSAE(SAE):
+    """ReLU then top-k of the pre-activations; x̂ sums the k chosen decoder rows."""
+
+    config_class = TopKConfig
+
+    def select(self, pre: Tensor) -> Code:
+        values, indices = pre.topk(self.cfg.k, dim=1, sorted=False)
+        return Code(indices, values.relu(), self.cfg.m)
+
+    def encode(self, x: Tensor) -> Code:
+        self.check_input(x)
+        return self.select(self.pre_acts(x))
+
+    def forward(self, x: Tensor) -> Output:
+        self.check_input(x)
+        pre = self.pre_acts(x)
+        code = self.select(pre)
+        x_hat = self.decode(code)
+        losses = {"fvu": fvu(x, x_hat)}
+        if self.training:
+            aux = self.aux_loss(x, x_hat, pre)
+            if aux is not None:
+                losses["auxk"] = self.cfg.aux_coef * aux
+            self.track(code)
+        return Output(x_hat, code, losses)
+
+    def aux_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor | None:
+        """Reconstruct the residual with the top latents among the dead ones (None if none is dead)."""
+        dead = self.dead_mask()
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return None
+        k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, n_dead)
+        values, indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1, sorted=False)
+        residual = (x - x_hat).detach()
+        r_hat = decode(Code(indices, values.relu(), self.cfg.m), self.W_dec)
+        return (residual - r_hat).pow(2).sum() / total_variance(x)

@@ -1,0 +1,253 @@
+"""The one training loop for every method: Adam with warm-up and decay, clipping, logs, exact resume.
+
+Nothing here is global: all state lives in the `Trainer` (and its checkpoint), so several can run in one
+process and a distributed launcher can wrap it later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ck
+from .coder import Coder, build, get_method
+from .config import check, derive_seed, from_dict, to_dict
+from .data.source import ActivationSource, SourceConfig, open_source
+from .errors import SparsecodeError
+from .metrics import CodeStats
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved as the run's config.json."""
+
+    method: str = "topk"
+    coder: dict[str, Any] = field(default_factory=dict)  # the method's options (its config dataclass)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    steps: int = 1000
+    batch_size: int = 1024
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    decay: str = "cosine"  # cosine | linear | constant, from lr down to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    init_rows: int = 16384  # rows handed to init_from_data before training (k-means, b_dec)
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    device: str = "auto"
+
+    def validate(self) -> None:
+        get_method(self.method)
+        check(self.steps > 0, f"steps must be positive, got {self.steps}")
+        check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
+        check(self.lr > 0 and math.isfinite(self.lr), f"lr must be positive, got {self.lr}")
+        check(self.warmup_steps >= 0, f"warmup_steps must be non-negative, got {self.warmup_steps}")
+        check(self.decay in ("cosine", "linear", "constant"),
+              f"decay must be cosine, linear or constant, got {self.decay!r}")
+        check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.grad_clip >= 0, f"grad_clip must be non-negative, got {self.grad_clip}")
+        check(self.init_rows >= 0, f"init_rows must be non-negative, got {self.init_rows}")
+        check(self.log_every > 0 and self.ckpt_every > 0, "log_every and ckpt_every must be positive")
+        check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+              f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        self.source.validate()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        if isinstance(data.get("source"), dict):
+            data["source"] = from_dict(SourceConfig, data["source"], "source")
+        if isinstance(data.get("betas"), list):
+            data["betas"] = tuple(data["betas"])
+        return from_dict(cls, data, "train")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of lr at `step`: linear warm-up, then the chosen decay."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return 1.0
+        t = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        shape = 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) if self.decay == "cosine" else 1 - min(t, 1.0)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SparsecodeError(f"device {name!r} asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+class Trainer:
+    """Trains one method on one activation source into one run folder."""
+
+    def __init__(self, cfg: TrainConfig, run: Path, source: ActivationSource | None = None,
+                 progress: bool = True):
+        cfg.validate()
+        self.cfg, self.run, self.progress = cfg, Path(run), progress
+        self.device = pick_device(cfg.device)
+        self.source = source if source is not None else open_source(cfg.source, "train")
+        d = cfg.coder.get("d_in", 0) or self.source.d
+        check(d == self.source.d, f"the data has d={self.source.d} but the run expects d_in={d}")
+        cfg.coder = {**cfg.coder, "d_in": d}
+        with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
+            torch.manual_seed(derive_seed(cfg.seed, "init"))
+            self.coder: Coder = build(cfg.method, cfg.coder).to(self.device)
+        self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "train"))
+        self.coder.generator = self.generator
+        params = [p for p in self.coder.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas) if params else None
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cfg.lr_factor) if self.opt else None
+        self.step = 0
+
+    # --- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.opt.state_dict() if self.opt else None,
+            "scheduler": self.sched.state_dict() if self.sched else None,
+            "generator": self.generator.get_state(),
+            "source": self.source.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.opt:
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.source.load_state_dict(state["source"])
+
+    def save(self) -> Path:
+        return ck.save_checkpoint(self.run, self.step, self.coder, self.state_dict(), self.cfg.keep_checkpoints)
+
+    def start(self, resume: bool = False) -> None:
+        """Create the run folder (or reopen it to resume), then initialise from data."""
+        config_path = self.run / "config.json"
+        if self.run.exists() and (self.run / "checkpoints").exists():
+            if not resume:
+                raise SparsecodeError(f"run {self.run} already exists; resume it or pick a new --out")
+            saved = ck.read_json(config_path)
+            if {k: v for k, v in saved.items() if k != "steps"} != \
+               {k: v for k, v in json.loads(json.dumps(to_dict(self.cfg))).items() if k != "steps"}:
+                raise SparsecodeError(f"run {self.run} was started with another config; cannot resume it")
+            ckpt = ck.latest_checkpoint(self.run)
+            if ckpt is not None:
+                ck.load_weights(self.coder, ckpt)
+                self.step, state = ck.load_state(ckpt)
+                self.load_state_dict(state)
+                self._truncate_log()
+                return
+        self.run.mkdir(parents=True, exist_ok=True)
+        ck.atomic_write_json(config_path, to_dict(self.cfg))
+        (self.run / "metrics.jsonl").unlink(missing_ok=True)
+        if self.cfg.init_rows:
+            sample = self._batch(self.cfg.init_rows)
+            self.coder.init_from_data(sample)
+
+    def _truncate_log(self) -> None:
+        """Drop log lines written after the checkpoint we resume from."""
+        log = self.run / "metrics.jsonl"
+        if log.exists():
+            lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+            keep = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
+            ck.atomic_write(log, "".join(ln + "\n" for ln in keep).encode())
+
+    def _batch(self, n: int) -> torch.Tensor:
+        x = self.source.next_batch(n)
+        if x.ndim != 2 or x.shape[1] != self.coder.cfg.d_in:
+            raise SparsecodeError(f"the source gave a batch of shape {tuple(x.shape)}, "
+                                  f"expected [{n}, {self.coder.cfg.d_in}]")
+        if not torch.isfinite(x).all():
+            raise SparsecodeError(f"the batch at step {self.step} contains NaN or inf values")
+        return x.to(self.device, torch.float32, non_blocking=True)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor):
+        out = self.coder(x)
+        loss = sum(out.losses.values())
+        if not torch.isfinite(loss):
+            raise SparsecodeError(f"the loss became {loss.item()} at step {self.step}; lower the lr")
+        if self.opt is not None and loss.requires_grad:
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.coder.after_backward()
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], self.cfg.grad_clip)
+            self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        self.coder.after_step()
+        return out, loss
+
+    def fit(self, on_step: Callable[[int], None] | None = None) -> Coder:
+        """Train until cfg.steps, logging and checkpointing; `on_step(step)` runs after each step."""
+        cfg, coder = self.cfg, self.coder
+        coder.train()
+        stats, extra, t0, tokens0 = CodeStats(coder.cfg.m), {}, time.perf_counter(), self.step
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, mininterval=0.5)
+        with open(self.run / "metrics.jsonl", "a") as log:
+            while self.step < cfg.steps:
+                x = self._batch(cfg.batch_size)
+                out, loss = self.train_step(x)
+                self.step += 1
+                stats.update(x, out.x_hat, out.code)
+                for key, value in {"loss": loss.item(), **{f"loss/{k}": v.item() for k, v in out.losses.items()},
+                                   **out.stats}.items():
+                    extra[key] = extra.get(key, 0.0) + value
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    n = self.step - tokens0
+                    rec = self._record(stats, {k: v / n for k, v in extra.items()},
+                                       n * cfg.batch_size / (time.perf_counter() - t0))
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead']:.1%}",
+                                    tok_s=f"{rec['tokens_per_s']:.3g}")
+                    stats, extra, t0, tokens0 = CodeStats(coder.cfg.m), {}, time.perf_counter(), self.step
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self.save()
+                bar.update(1)
+                if on_step is not None:
+                    on_step(self.step)
+        bar.close()
+        coder.eval()
+        return coder
+
+    def _record(self, stats: CodeStats, means: dict[str, float], tokens_per_s: float) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.step * self.cfg.batch_size,
+            "tokens_per_s": tokens_per_s,
+            "lr": self.opt.param_groups[0]["lr"] if self.opt else 0.0,
+            **stats.result(),
+            "dead": self.coder.dead_mask().float().mean().item(),
+            **means,
+        }
+
+
+def train(cfg: TrainConfig, run: Path, source: ActivationSource | None = None, resume: bool = False,
+          progress: bool = False, on_step: Callable[[int], None] | None = None) -> Coder:
+    """Train `cfg` into folder `run` (resuming it if asked) and return the trained method."""
+    trainer = Trainer(cfg, run, source, progress)
+    trainer.start(resume)
+    return trainer.fit(on_step)
+
+
+def load_config(run: Path) -> TrainConfig:
+    if not Path(run).is_dir():
+        raise SparsecodeError(f"run directory not found: {run}")
+    return TrainConfig.from_dict(ck.read_json(Path(run) / "config.json"))
+
+

@@ -1,0 +1,3 @@
+"""Codebooks (vector quantization): each module registers one method."""
+
+from . import vq  # noqa: F401
