@@ -104,6 +104,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         src_cfg = source_config(a.data, None, cfg.source.seed)
         src_cfg.heldout = 0.0
         source = open_source(src_cfg, "train")
+    elif cfg.source.kind == "memory":
+        raise SparsecodeError(f"run {run} was trained on in-memory data; evaluate it with --data FILE.npy")
     else:
         source = open_source(cfg.source, "eval")
     result = evaluate(coder, source, rows=a.rows, batch_size=a.batch_size)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ class TrainConfig:
 
     method: str = "topk"
     coder: dict[str, Any] = field(default_factory=dict)  # the method's options (its config dataclass)
-    source: SourceConfig = field(default_factory=SourceConfig)
+    source: SourceConfig | None = None  # None: an in-memory source handed to the Trainer ("memory")
     steps: int = 1000
     batch_size: int = 1024
     lr: float = 1e-3
@@ -61,7 +61,8 @@ class TrainConfig:
         check(self.log_every > 0 and self.ckpt_every > 0, "log_every and ckpt_every must be positive")
         check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
               f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        self.source.validate()
+        if self.source is not None:
+            self.source.validate()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -99,6 +100,10 @@ class Trainer:
         cfg.validate()
         self.cfg, self.run, self.progress = cfg, Path(run), progress
         self.device = pick_device(cfg.device)
+        if source is None and cfg.source is None:
+            raise SparsecodeError("no activation source: set TrainConfig.source or pass a source")
+        if cfg.source is None:
+            cfg.source = SourceConfig(kind="memory")
         self.source = source if source is not None else open_source(cfg.source, "train")
         d = cfg.coder.get("d_in", 0) or self.source.d
         check(d == self.source.d, f"the data has d={self.source.d} but the run expects d_in={d}")

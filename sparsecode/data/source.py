@@ -68,6 +68,8 @@ def open_source(cfg: SourceConfig, split: str = "train") -> ActivationSource:
     check(split in ("train", "eval"), f"split must be 'train' or 'eval', got {split!r}")
     from . import synthetic  # noqa: F401  (registers its kinds)
 
+    if cfg.kind == "memory":
+        raise SparsecodeError("this run was trained on in-memory data, which cannot be reopened; pass the data")
     if cfg.kind not in SOURCES:
         near = difflib.get_close_matches(cfg.kind, SOURCES, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""

@@ -19,7 +19,6 @@ from ..config import check, derive_seed, from_dict
 from .source import SourceConfig, register_source
 
 
-
 @dataclass
 class SparseFeaturesConfig:
     d: int = 64

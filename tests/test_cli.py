@@ -1,0 +1,78 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sparsecode.cli import main
+
+
+def cli(*args, capsys):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--method", "vq", "--source", "clusters", "--source-opt", "d=16",
+                 "--source-opt", "n_clusters=32", "-m", "32", "--steps", "40", "--batch-size", "256",
+                 "--out", str(run), "--no-progress"]) == 0
+    return run
+
+
+def test_train_eval_info_methods(trained, capsys):
+    code, out, _ = cli("eval", str(trained), "--rows", "2048", "--json", capsys=capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert result["utilisation"] > 0.9 and result["rows"] == 2048 and result["l0"] == 1.0
+    code, out, _ = cli("info", str(trained), capsys=capsys)
+    assert code == 0 and "method: vq" in out and "step-0000040" in out and "fvu=" in out
+    code, out, _ = cli("methods", capsys=capsys)
+    assert code == 0 and out.splitlines()[0].startswith("topk") and any(ln.startswith("vq") for ln in out.splitlines())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--method", "nope", "--out", "{tmp}/r"], "unknown method 'nope'"),
+    (["train", "-m", "16", "-k", "17", "--out", "{tmp}/r"], "k must be in 1..m=16, got k=17"),
+    (["train", "--set", "aux_coef=-1", "--out", "{tmp}/r"], "aux_coef must be non-negative"),
+    (["train", "--set", "bogus=1", "--out", "{tmp}/r"], "unknown option 'bogus'"),
+    (["train", "--source", "{tmp}/missing.npy", "--out", "{tmp}/r"], "activation file not found"),
+    (["train", "--source", "{tmp}/nan.npy", "--steps", "3", "--out", "{tmp}/r"], "contains NaN or inf"),
+    (["train", "--steps", "0", "--out", "{tmp}/r"], "steps must be positive"),
+    (["train", "--out", "{tmp}/r", "--resume"], "run directory not found"),
+    (["eval", "{tmp}/nowhere"], "run directory not found"),
+    (["eval", "{run}", "--data", "{tmp}/wide.npy"], "the data has d=5 but the run expects d_in=16"),
+    (["info", "{tmp}/nowhere"], "run directory not found"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, trained, capsys, args, message):
+    np.save(tmp_path / "wide.npy", np.ones((64, 5), dtype=np.float32))
+    nan = np.ones((512, 64), dtype=np.float32)
+    nan[:, 3] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    args = [a.format(tmp=tmp_path, run=trained) for a in args]
+    code, _, err = cli(*args, capsys=capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    if "train" in args and "--resume" not in args and "nan.npy" not in " ".join(args):
+        assert not (tmp_path / "r").exists()  # nothing written for a rejected run
+
+
+def test_corrupted_run_is_one_line(trained, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    model = run / "checkpoints" / "step-0000040" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-10])
+    code, _, err = cli("eval", str(run), capsys=capsys)
+    assert code == 2 and "corrupt or truncated" in err and len(err.strip().splitlines()) == 1
+
+
+def test_module_entry_point_exit_code():
+    proc = subprocess.run([sys.executable, "-m", "sparsecode", "train", "--method", "nope", "--out", "x"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1

@@ -1,0 +1,129 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import topk_config, vq_config
+from safetensors.torch import load_file
+
+from sparsecode.checkpoint import latest_checkpoint
+from sparsecode.data.source import SourceConfig, TensorSource
+from sparsecode.errors import SparsecodeError
+from sparsecode.train import TrainConfig, train
+
+
+class Killed(Exception):
+    pass
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(latest_checkpoint(run) / "model.safetensors")
+
+
+def kill_at(step: int):
+    def hook(s: int) -> None:
+        if s == step:
+            raise Killed
+
+    return hook
+
+
+@pytest.mark.parametrize("make", [
+    lambda: topk_config(steps=200, ckpt_every=25, coder={"m": 128, "k": 6, "dead_tokens": 2048}, batch_size=256),
+    lambda: vq_config(steps=200, ckpt_every=25, batch_size=256, coder={"restart_after": 5}),
+])
+def test_kill_and_resume_gives_identical_parameters(tmp_path, make):
+    every = make().log_every
+    torch.use_deterministic_algorithms(True)
+    try:
+        train(make(), tmp_path / "straight")
+        with pytest.raises(Killed):
+            train(make(), tmp_path / "resumed", on_step=kill_at(137))  # last checkpoint at 125
+        assert latest_checkpoint(tmp_path / "resumed").name == "step-0000125"
+        train(make(), tmp_path / "resumed", resume=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(every, 201, every))  # no duplicates after the resume
+
+
+def test_cli_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
+    args = [sys.executable, "-m", "sparsecode", "train", "--method", "topk", "-m", "128", "-k", "6",
+            "--source-opt", "d=64", "--steps", "300", "--batch-size", "256", "--ckpt-every", "20",
+            "--no-progress"]
+    subprocess.run(args + ["--out", str(tmp_path / "a")], check=True, capture_output=True)
+    proc = subprocess.Popen(args + ["--out", str(tmp_path / "b")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    latest = tmp_path / "b" / "checkpoints" / "LATEST"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (latest.exists() and latest.read_text() >= "step-0000060"):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "checkpoints" / "step-0000300").exists(), "killed too late to test anything"
+    subprocess.run(args + ["--out", str(tmp_path / "b"), "--resume"], check=True, capture_output=True)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "b" / "checkpoints").glob(".*tmp"))  # no half-written checkpoint left
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    cfg = TrainConfig(steps=110, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert cfg.lr_factor(0) == pytest.approx(0.1)
+    assert cfg.lr_factor(9) == pytest.approx(1.0)
+    assert cfg.lr_factor(10) == pytest.approx(1.0)
+    assert cfg.lr_factor(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert cfg.lr_factor(110) == pytest.approx(0.1)
+    assert TrainConfig(steps=110, warmup_steps=10, decay="linear").lr_factor(60) == pytest.approx(0.55)
+
+
+def test_nan_batch_is_one_clear_error_and_keeps_last_checkpoint(tmp_path):
+    data = torch.randn(4096, 16)
+    data[3000, 5] = float("nan")
+    src = TensorSource(data, seed=0)
+    cfg = TrainConfig(method="topk", coder={"m": 32, "k": 4}, steps=50, batch_size=128, ckpt_every=5,
+                      init_rows=0)
+    with pytest.raises(SparsecodeError, match=r"batch at step [1-9]\d* contains NaN or inf values"):
+        train(cfg, tmp_path / "run", source=src)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt is not None and (ckpt / "model.safetensors").exists()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["source"]["kind"] == "memory"
+
+
+def test_data_width_must_match_the_run(tmp_path):
+    cfg = TrainConfig(method="topk", coder={"d_in": 32, "m": 64, "k": 4}, steps=5, source=SourceConfig())
+    with pytest.raises(SparsecodeError, match="the data has d=64 but the run expects d_in=32"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_needs_resume_and_same_config(tmp_path):
+    cfg = topk_config(steps=10, coder={"m": 64, "k": 4})
+    train(cfg, tmp_path / "run")
+    with pytest.raises(SparsecodeError, match="already exists"):
+        train(topk_config(steps=10, coder={"m": 64, "k": 4}), tmp_path / "run")
+    with pytest.raises(SparsecodeError, match="another config"):
+        train(topk_config(steps=10, coder={"m": 64, "k": 5}), tmp_path / "run", resume=True)
+
+
+def test_metrics_log_has_the_promised_fields(tmp_path):
+    train(topk_config(steps=20, log_every=10, coder={"m": 64, "k": 4}), tmp_path / "run")
+    rec = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rec] == [10, 20]
+    for key in ("tokens_per_s", "fvu", "l0", "dead", "utilisation", "perplexity", "loss", "lr"):
+        assert key in rec[-1] and np.isfinite(rec[-1][key]), key
+    assert rec[-1]["tokens"] == 20 * 1024
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["method"] == "topk" and cfg["coder"]["d_in"] == 64
+    assert TrainConfig.from_dict(cfg).coder == cfg["coder"]

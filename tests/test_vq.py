@@ -1,0 +1,81 @@
+import tempfile
+from pathlib import Path
+
+import torch
+from conftest import vq_config
+
+from sparsecode.checkpoint import load_coder
+from sparsecode.coder import build
+from sparsecode.data.source import open_source
+from sparsecode.evaluate import evaluate
+from sparsecode.train import train
+from sparsecode.vq.kmeans import kmeans
+from sparsecode.vq.search import nearest
+
+
+def run(cfg):
+    with tempfile.TemporaryDirectory() as d:
+        vq = train(cfg, Path(d))
+        return vq, evaluate(vq, open_source(cfg.source, "eval"), rows=16384), load_coder(Path(d))
+
+
+def test_chunked_search_equals_brute_force_within_budget():
+    x, codes = torch.randn(300, 8), torch.randn(1000, 8)
+    ref = torch.cdist(x, codes).argmin(1)
+    for budget in (1, 97, 5000, 1 << 24):
+        assert torch.equal(nearest(x, codes, budget=budget), ref)
+    ref_cos = (torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(codes, dim=1).t()).argmax(1)
+    assert torch.equal(nearest(x, codes, "cosine", budget=500), ref_cos)
+
+
+def test_kmeans_finds_separated_centres():
+    centres = torch.randn(8, 5) * 10
+    x = centres.repeat(50, 1) + 0.01 * torch.randn(400, 5)
+    found = kmeans(x, 8, iters=10, generator=torch.Generator().manual_seed(0))
+    assert torch.cdist(centres, found).min(1).values.max() < 0.1
+
+
+def test_straight_through_gradient_and_commitment():
+    vq = build("vq", {"d_in": 4, "m": 8}).eval()  # no EMA update, so decode(code) is still x_hat
+    x = torch.randn(16, 4, requires_grad=True)
+    out = vq(x)
+    torch.testing.assert_close(out.x_hat, vq.decode(out.code))
+    out.x_hat.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))  # identity gradient through the quantizer
+    assert out.losses["commit"].requires_grad
+
+
+def test_ema_moves_codes_to_cluster_means():
+    vq = build("vq", {"d_in": 2, "m": 2, "decay": 0.5, "restart_after": 0})
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+        vq.ema_sum.copy_(vq.codebook)
+    x = torch.tensor([[2.0, 0.0], [2.0, 0.0], [-3.0, 0.0]])
+    vq.train()
+    for _ in range(30):
+        vq(x)
+    torch.testing.assert_close(vq.codebook, torch.tensor([[2.0, 0.0], [-3.0, 0.0]]), atol=1e-3, rtol=0)
+
+
+def test_vq_uses_codes_and_finds_centres():
+    """Acceptance: K=256 on 256 clusters → ≥ 95% of codes used, centres found (mean best cos > 0.95)."""
+    vq, result, loaded = run(vq_config())
+    assert result["utilisation"] >= 0.95, result
+    assert result["mean_best_cos"] > 0.95, result
+    x = open_source(vq_config().source, "eval").next_batch(512)
+    assert torch.equal(vq.encode(x).indices, loaded.encode(x).indices)
+
+
+def test_restarts_raise_utilisation():
+    """Acceptance: from a random (non k-means) init, restarts on beat restarts off."""
+    _, on, _ = run(vq_config(coder={"kmeans_init": False}))
+    _, off, _ = run(vq_config(coder={"kmeans_init": False, "restart_after": 0}))
+    assert on["utilisation"] >= 0.95
+    assert off["utilisation"] < 0.5 * on["utilisation"], (on, off)
+
+
+def test_cosine_and_gradient_trained_codebooks():
+    for coder in ({"metric": "cosine"}, {"ema": False}):
+        _, result, _ = run(vq_config(coder=coder, lr=1e-2))
+        assert result["utilisation"] >= 0.9, (coder, result)
+        assert result["mean_best_cos"] > 0.95, (coder, result)
