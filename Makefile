@@ -22,7 +22,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sparsecode tests bench
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf runs .pytest_cache
