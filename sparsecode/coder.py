@@ -97,7 +97,11 @@ class Coder(nn.Module):
 
     def rand(self, *shape: int, device: torch.device | None = None) -> Tensor:
         """Uniform [0, 1) noise from the run's generator (or the global one outside a trainer)."""
-        return torch.rand(*shape, generator=self.generator, device=device)
+        return torch.rand(*shape, generator=self.generator).to(device)
+
+    def randn(self, *shape: int, device: torch.device | None = None) -> Tensor:
+        """Standard normal noise from the run's generator (CPU generator, moved to `device`)."""
+        return torch.randn(*shape, generator=self.generator).to(device)
 
     def config_dict(self) -> dict[str, Any]:
         from .config import to_dict
