@@ -1,0 +1,304 @@
+"""The sharded activation store: a folder of shards plus `manifest.json`, and its shuffled reader.
+
+Each shard holds `rows` consecutive harvested tokens: `acts` [rows, d] (fp16, bf16 or fp32), `tokens`
+(token ids), `doc` (document index in the corpus) and `pos` (token offset in that document). The format
+is one `shard-NNNNN.safetensors`, or `shard-NNNNN.npy` (acts; bf16 kept as raw uint16) plus
+`shard-NNNNN.meta.npy` ([rows, 3] int64: token, doc, pos). Shards are written atomically before the
+manifest that lists them (with their sha256); the manifest also keeps where to resume the harvest.
+
+The reader maps shards into memory and checks each shard's sha256 the first time it opens it. An epoch
+visits every row of its split once: the split is cut into chunks of `chunk_rows` consecutive rows, the
+chunks are shuffled, and each run of `buffer_rows // chunk_rows` chunks (the shuffle buffer) is read in
+a uniformly shuffled order. Both shuffles are functions of (seed, epoch, window), so the reader's state is
+just (epoch, position) and resuming is exact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+
+from ..checkpoint import atomic_write, atomic_write_json, read_json, sha256
+from ..config import check, derive_seed, from_dict
+from ..errors import SparsecodeError
+from .source import SourceConfig, register_source, split_rows
+
+MANIFEST, VERSION = "manifest.json", "sparsecode-store/1"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FORMATS = ("safetensors", "npy")
+_ST_DTYPES = {"F16": np.float16, "BF16": np.int16, "F32": np.float32, "I32": np.int32, "I64": np.int64}
+
+
+# --- writing --------------------------------------------------------------------------------------
+class StoreWriter:
+    """Appends rows to a store, one full shard at a time; reopening a partial store resumes it."""
+
+    def __init__(self, path: Path, header: dict[str, Any], shard_tokens: int):
+        self.path, self.shard_tokens = Path(path), shard_tokens
+        self.dtype, self.format = header["dtype"], header["file_format"]
+        check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check(self.format in FORMATS, f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        self.pending: list[dict[str, Tensor]] = []
+        manifest_path = self.path / MANIFEST
+        if manifest_path.is_file():
+            self.manifest = read_json(manifest_path)
+            changed = [k for k in header if self.manifest.get(k) != header[k]]
+            if changed:
+                raise SparsecodeError(f"store {self.path} was harvested with other settings "
+                                      f"({', '.join(changed)} differ); pick a new --out")
+            for shard in self.manifest["shards"]:
+                verify_shard(self.path, shard)
+            for tmp in self.path.glob(".*.tmp"):  # left by a harvest killed mid-write
+                tmp.unlink()
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise SparsecodeError(f"{self.path} exists and is not a store (no {MANIFEST}); pick a new --out")
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.manifest = {"version": VERSION, **header, "d": None, "complete": False, "tokens": 0,
+                             "shards": [], "resume": None}
+            atomic_write_json(manifest_path, self.manifest)
+
+    @property
+    def rows(self) -> int:
+        """Rows safely in shards (rows pending in memory are not counted)."""
+        return int(self.manifest["tokens"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    def add(self, rows: dict[str, Tensor], resume: dict[str, Any]) -> int:
+        """Queue rows (acts, tokens, doc, pos); write every full shard; return how many were written.
+
+        `resume` is where to restart the harvest to regenerate any row after the last written shard.
+        """
+        if len(rows["acts"]):
+            self.pending.append(rows)
+        written = 0
+        while sum(len(p["acts"]) for p in self.pending) >= self.shard_tokens:
+            merged = {k: torch.cat([p[k] for p in self.pending]) for k in rows}
+            head = {k: v[: self.shard_tokens] for k, v in merged.items()}
+            tail = {k: v[self.shard_tokens:] for k, v in merged.items()}
+            self.pending = [tail] if len(tail["acts"]) else []
+            self._write_shard(head, resume)
+            written += 1
+        return written
+
+    def finish(self) -> dict[str, Any]:
+        """Write the last (short) shard and mark the store complete."""
+        if self.pending:
+            merged = {k: torch.cat([p[k] for p in self.pending]) for k in self.pending[0]}
+            self.pending = []
+            self._write_shard(merged, None)
+        check(self.rows > 0, f"the harvest into {self.path} produced no tokens")
+        self.manifest.update(complete=True, resume=None)
+        atomic_write_json(self.path / MANIFEST, self.manifest)
+        return self.manifest
+
+    def _write_shard(self, rows: dict[str, Tensor], resume: dict[str, Any] | None) -> None:
+        m = self.manifest
+        name = f"shard-{len(m['shards']):05d}"
+        acts = rows["acts"].to(DTYPES[self.dtype]).contiguous()
+        meta = {k: rows[k].to(torch.int32 if k == "tokens" else torch.int64).contiguous()
+                for k in ("tokens", "doc", "pos")}
+        if self.format == "safetensors":
+            files = {f"{name}.safetensors": safetensors_bytes({"acts": acts, **meta})}
+        else:
+            raw = acts.view(torch.int16) if acts.dtype == torch.bfloat16 else acts
+            files = {f"{name}.npy": _npy_bytes(raw.numpy()),
+                     f"{name}.meta.npy": _npy_bytes(torch.stack([v.long() for v in meta.values()], 1).numpy())}
+        for fname, data in files.items():
+            atomic_write(self.path / fname, data)
+        m["shards"].append({"name": name, "rows": len(acts), "sha256": {f: sha256(self.path / f) for f in files}})
+        m["d"] = int(acts.shape[1])
+        m["tokens"] = m["tokens"] + len(acts)
+        m["resume"] = resume
+        atomic_write_json(self.path / MANIFEST, m)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def verify_shard(root: Path, shard: dict[str, Any]) -> None:
+    """Check every file of a shard against its sha256 in the manifest; a failure names the file."""
+    for fname, digest in shard["sha256"].items():
+        f = root / fname
+        if not f.is_file():
+            raise SparsecodeError(f"store shard missing: {f}")
+        if sha256(f) != digest:
+            raise SparsecodeError(f"store shard is corrupt or truncated (sha256 mismatch): {f}")
+
+
+# --- reading --------------------------------------------------------------------------------------
+class Store:
+    """A complete store, read through memory maps; `verify` checks each shard's sha256 on first use."""
+
+    def __init__(self, path: str | Path, verify: bool = True):
+        self.path, self.verify = Path(path), verify
+        if not self.path.is_dir():
+            raise SparsecodeError(f"activation store not found: {self.path}")
+        if not (self.path / MANIFEST).is_file():
+            raise SparsecodeError(f"{self.path} is not an activation store: {MANIFEST} is missing")
+        self.manifest = m = read_json(self.path / MANIFEST)
+        if not isinstance(m, dict) or m.get("version") != VERSION:
+            raise SparsecodeError(f"{self.path / MANIFEST} is not a sparsecode store manifest")
+        if not m["complete"]:
+            raise SparsecodeError(f"store {self.path} is incomplete ({m['tokens']} of {m['tokens_requested']} "
+                                  f"tokens); run the same harvest again to finish it")
+        self.shards: list[dict[str, Any]] = m["shards"]
+        self.d, self.dtype = int(m["d"]), m["dtype"]
+        self.starts = np.cumsum([0] + [s["rows"] for s in self.shards])
+        self.n = int(self.starts[-1])
+        self._maps: dict[int, dict[str, np.ndarray]] = {}
+
+    def shard(self, i: int) -> dict[str, np.ndarray]:
+        """Arrays of shard i: acts [rows, d] (bf16 as int16), tokens, doc, pos, memory-mapped."""
+        if i not in self._maps:
+            info = self.shards[i]
+            if self.verify:
+                verify_shard(self.path, info)
+            try:
+                if self.manifest["file_format"] == "safetensors":
+                    arrays = _map_safetensors(self.path / f"{info['name']}.safetensors")
+                else:
+                    meta = np.load(self.path / f"{info['name']}.meta.npy", mmap_mode="r")
+                    arrays = {"acts": np.load(self.path / f"{info['name']}.npy", mmap_mode="r"),
+                              "tokens": meta[:, 0], "doc": meta[:, 1], "pos": meta[:, 2]}
+            except (OSError, ValueError, KeyError) as e:
+                raise SparsecodeError(f"cannot read store shard {info['name']} in {self.path}: {e}") from None
+            if arrays["acts"].shape != (info["rows"], self.d):
+                raise SparsecodeError(f"store shard {info['name']} has shape {arrays['acts'].shape}, "
+                                      f"expected {(info['rows'], self.d)}")
+            self._maps[i] = arrays
+        return self._maps[i]
+
+    def gather(self, idx: Tensor, key: str = "acts") -> Tensor:
+        """Rows `idx` (global indices) of `acts` as float32, or of tokens/doc/pos as int64."""
+        order = idx.argsort()
+        sorted_idx = idx[order].numpy()
+        bounds = np.searchsorted(sorted_idx, self.starts)
+        parts = []
+        for i in range(len(self.shards)):
+            lo, hi = bounds[i], bounds[i + 1]
+            if lo < hi:
+                parts.append(np.asarray(self.shard(i)[key][sorted_idx[lo:hi] - self.starts[i]]))
+        rows = torch.from_numpy(np.concatenate(parts))
+        if key == "acts":
+            rows = rows.view(torch.bfloat16) if self.dtype == "bf16" else rows
+            rows = rows.float()
+        else:
+            rows = rows.long()
+        out = torch.empty_like(rows)
+        out[order] = rows
+        return out
+
+
+def _map_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Memory-map every tensor of a safetensors file (header: u64 length, JSON, then raw data)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    out = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        begin, _ = spec["data_offsets"]
+        out[name] = np.memmap(path, dtype=_ST_DTYPES[spec["dtype"]], mode="r", offset=8 + n + begin,
+                              shape=tuple(spec["shape"]))
+    return out
+
+
+@dataclass
+class StoreOptions:
+    """Options of source kind `store`: how rows are shuffled and checked."""
+
+    buffer_rows: int = 262144  # rows shuffled together (the shuffle buffer)
+    chunk_rows: int = 1024  # consecutive rows read together
+    verify: bool = True  # check each shard's sha256 when first opened
+
+    def validate(self) -> None:
+        check(self.chunk_rows > 0, f"chunk_rows must be positive, got {self.chunk_rows}")
+        check(self.buffer_rows >= self.chunk_rows, "buffer_rows must be at least chunk_rows")
+
+
+class StoreSource:
+    """Shuffled epochs over one split of a store, through a shuffle buffer, resumable exactly."""
+
+    def __init__(self, store: Store, rows: range, seed: int = 0, opts: StoreOptions | None = None):
+        self.store, self.rows, self.seed = store, rows, seed
+        self.opts = opts or StoreOptions()
+        check(len(rows) > 0, f"store {store.path}: the split has no rows")
+        self.d = store.d
+        self.n_chunks = -(-len(rows) // self.opts.chunk_rows)
+        self.per_window = max(1, self.opts.buffer_rows // self.opts.chunk_rows)
+        self.epoch, self.pos = 0, 0
+        self._plan_epoch = -1
+        self._window: tuple[int, int, Tensor] | None = None  # (epoch, window, shuffled row indices)
+
+    def _plan(self) -> None:
+        """The epoch's chunk order and the row offset where each window ends."""
+        if self._plan_epoch == self.epoch:
+            return
+        g = torch.Generator().manual_seed(derive_seed(self.seed, f"store/epoch{self.epoch}"))
+        c = self.opts.chunk_rows
+        self.chunk_starts = torch.randperm(self.n_chunks, generator=g) * c + self.rows.start
+        sizes = (self.rows.stop - self.chunk_starts).clamp(max=c)
+        self.window_ends = torch.stack([s.sum() for s in sizes.split(self.per_window)]).cumsum(0)
+        self._plan_epoch = self.epoch
+
+    def _window_rows(self, w: int) -> Tensor:
+        if self._window is None or self._window[:2] != (self.epoch, w):
+            c = self.opts.chunk_rows
+            starts = self.chunk_starts[w * self.per_window : (w + 1) * self.per_window]
+            idx = torch.cat([torch.arange(s, min(s + c, self.rows.stop)) for s in starts.tolist()])
+            g = torch.Generator().manual_seed(derive_seed(self.seed, f"store/epoch{self.epoch}/window{w}"))
+            self._window = (self.epoch, w, idx[torch.randperm(len(idx), generator=g)])
+        return self._window[2]
+
+    def next_indices(self, n: int) -> Tensor:
+        """The global row indices of the next `n` rows (advances the stream)."""
+        parts, need = [], n
+        while need:
+            self._plan()
+            w = int(torch.searchsorted(self.window_ends, self.pos, right=True))
+            start = int(self.window_ends[w - 1]) if w else 0
+            take = self._window_rows(w)[self.pos - start : self.pos - start + need]
+            parts.append(take)
+            need -= len(take)
+            self.pos += len(take)
+            if self.pos == len(self.rows):
+                self.epoch, self.pos = self.epoch + 1, 0
+        return torch.cat(parts)
+
+    def next_batch(self, n: int) -> Tensor:
+        return self.store.gather(self.next_indices(n))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "pos": self.pos, "rows": len(self.rows)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check(int(state.get("rows", len(self.rows))) == len(self.rows),
+              f"store {self.store.path} changed since the checkpoint ({state.get('rows')} rows then, "
+              f"{len(self.rows)} now)")
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+
+
+@register_source("store")
+def open_store(cfg: SourceConfig, split: str) -> StoreSource:
+    """A store folder written by `sparsecode harvest` (SourceConfig.path); options: StoreOptions."""
+    check(cfg.path is not None, "source kind 'store' needs a path (the store folder)")
+    opts = from_dict(StoreOptions, cfg.options, "store source")
+    store = Store(cfg.path, verify=opts.verify)
+    return StoreSource(store, split_rows(store.n, cfg.heldout, split), cfg.seed, opts)
