@@ -8,30 +8,59 @@ import torch
 
 from .coder import Coder
 from .data.source import ActivationSource
+from .diagnose import active_units, neural_collapse
 from .errors import SparsecodeError
-from .metrics import CodeStats, recovery
+from .metrics import CodeStats, atom_cosines, effective_rank, frequency_histogram, recovery
+
+MAX_COSINE_ATOMS = 8192  # atom-pair cosines cost m²·d: above this, a fixed random subset of atoms
 
 
-@torch.no_grad()
-def evaluate(coder: Coder, source: ActivationSource, rows: int = 65536, batch_size: int = 4096) -> dict[str, Any]:
-    """FVU, L0, usage and (where the source knows its ground truth) feature recovery."""
+def batches(coder: Coder, source: ActivationSource, rows: int, batch_size: int):
+    """Held-out batches on the coder's device, checked for width and finiteness."""
     if source.d != coder.cfg.d_in:
         raise SparsecodeError(f"the data has d={source.d} but the run expects d_in={coder.cfg.d_in}")
     device = next(iter(coder.buffers())).device
-    was_training = coder.training
-    coder.eval()
-    stats = CodeStats(coder.cfg.m)
     done = 0
     while done < rows:
         x = source.next_batch(min(batch_size, rows - done)).to(device, torch.float32)
         if not torch.isfinite(x).all():
             raise SparsecodeError("the evaluation data contains NaN or inf values")
+        done += x.shape[0]
+        yield x
+
+
+@torch.no_grad()
+def evaluate(coder: Coder, source: ActivationSource, rows: int = 65536, batch_size: int = 4096,
+             details: bool = True, nc_rows: int = 4096) -> dict[str, Any]:
+    """FVU, L0, usage and perplexity; with `details` also atom geometry, the frequency histogram,
+    ground-truth recovery, neural collapse (labelled sources) and posterior collapse (variational methods)."""
+    was_training = coder.training
+    coder.eval()
+    stats = CodeStats(coder.cfg.m)
+    for x in batches(coder, source, rows, batch_size):
         code = coder.encode(x)
         stats.update(x, coder.decode(code), code)
-        done += x.shape[0]
+    result: dict[str, Any] = {"rows": stats.rows, **stats.result()}
+    if details:
+        atoms = coder.atoms().detach().float().cpu()
+        result["effective_rank_used_atoms"] = effective_rank(atoms[stats.counts > 0])
+        if atoms.shape[0] > MAX_COSINE_ATOMS:
+            atoms = atoms[torch.randperm(atoms.shape[0], generator=torch.Generator().manual_seed(0))[:MAX_COSINE_ATOMS]]
+        result.update(atom_cosines(atoms))
+        result["frequency_histogram"] = frequency_histogram(stats.counts, stats.rows)
+        truth = getattr(source, "truth", None)
+        if truth is not None:
+            result.update(recovery(coder.atoms().cpu(), truth))
+        labelled = getattr(source, "labelled_batch", None)
+        if labelled is not None:
+            x, labels = labelled(nc_rows)
+            x = x.to(next(iter(coder.buffers())).device, torch.float32)
+            result["nc_activations"] = neural_collapse(x, labels.to(x.device))
+            result["nc_codes"] = neural_collapse(coder.encode(x).to_dense(), labels.to(x.device))
+        posterior = getattr(coder, "posterior", None)
+        if posterior is not None:
+            x = next(batches(coder, source, min(rows, nc_rows), nc_rows))
+            mu, logvar = posterior(x)
+            result["posterior"] = active_units(mu, logvar)
     coder.train(was_training)
-    result: dict[str, Any] = {"rows": done, **stats.result()}
-    truth = getattr(source, "truth", None)
-    if truth is not None:
-        result.update(recovery(coder.atoms().cpu(), truth))
     return result

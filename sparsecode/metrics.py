@@ -34,6 +34,41 @@ def recovery(atoms: Tensor, true_features: Tensor, threshold: float = 0.9) -> di
     return {"recovered": (best > threshold).float().mean().item(), "mean_best_cos": best.mean().item()}
 
 
+def effective_rank(a: Tensor) -> float:
+    """exp of the entropy of the normalised singular values (Roy & Vetterli); 0 for an empty matrix."""
+    if a.numel() == 0:
+        return 0.0
+    sv = torch.linalg.svdvals(a.detach().double())
+    p = sv / sv.sum().clamp_min(1e-300)
+    return math.exp(-(p * p.clamp_min(1e-300).log()).sum().item())
+
+
+@torch.no_grad()
+def atom_cosines(atoms: Tensor, chunk: int = 2048) -> dict[str, float]:
+    """Off-diagonal cosine similarity of the atoms: mean |cos|, mean of each atom's max, overall max."""
+    a = F.normalize(atoms.detach().float(), dim=1)
+    m = a.shape[0]
+    if m < 2:
+        return {"cos_mean_abs": 0.0, "cos_max_mean": 0.0, "cos_max": 0.0}
+    total, best = 0.0, torch.empty(m)
+    for s in range(0, m, chunk):
+        cos = a[s : s + chunk] @ a.t()
+        rows = torch.arange(cos.shape[0])
+        cos[rows, rows + s] = 0.0
+        total += cos.abs().sum().item()
+        best[s : s + chunk] = cos.max(1).values.cpu()
+    return {"cos_mean_abs": total / (m * (m - 1)), "cos_max_mean": best.mean().item(), "cos_max": best.max().item()}
+
+
+def frequency_histogram(counts: Tensor, rows: int, bins: int = 20, low: float = -7.0) -> dict[str, list]:
+    """Histogram of log10 firing frequency over atoms that fired at all, plus how many never fired."""
+    freq = counts.double() / max(rows, 1)
+    fired = freq[freq > 0].log10().clamp_min(low)
+    hist = torch.histc(fired, bins=bins, min=low, max=0.0) if fired.numel() else torch.zeros(bins)
+    edges = torch.linspace(low, 0.0, bins + 1)
+    return {"log10_edges": edges.tolist(), "counts": hist.long().tolist(), "never_fired": int((freq == 0).sum())}
+
+
 class CodeStats:
     """Accumulates FVU, L0 and atom usage over many batches (float64, global mean for the variance)."""
 
@@ -60,8 +95,10 @@ class CodeStats:
         n = max(self.rows, 1)
         var = self.sum_sq_x - (self.sum_x.pow(2).sum().item() / n if self.sum_x is not None else 0.0)
         used = self.counts > 0
+        fvu_ = self.sq_err / max(var, 1e-12)
         return {
-            "fvu": self.sq_err / max(var, 1e-12),
+            "fvu": fvu_,
+            "explained_variance": 1 - fvu_,
             "l0": self.l0 / n,
             "utilisation": used.double().mean().item(),
             "perplexity": perplexity(self.counts),

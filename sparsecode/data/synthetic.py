@@ -105,6 +105,10 @@ class Clusters:
     def next_batch(self, n: int) -> Tensor:
         return self.sample(n)[0]
 
+    def labelled_batch(self, n: int) -> tuple[Tensor, Tensor]:
+        """Rows with their cluster as class label (for neural-collapse diagnostics)."""
+        return self.sample(n)
+
     @property
     def truth(self) -> Tensor:
         return self.centres

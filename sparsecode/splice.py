@@ -1,0 +1,116 @@
+"""Spliced downstream loss: run the model with the hooked activation replaced by its reconstruction.
+
+Causal LMs score next-token cross-entropy. Encoders without an LM head (MiniLM, BERT) score the
+embedding they exist to produce: 1 − cos between the clean and the spliced mean-pooled last hidden state
+(0 when clean). Either way, loss recovered = (L_zero − L_spliced) / (L_zero − L_clean), as SAELens and
+SAEBench report it: 1 for a perfect reconstruction, 0 for zero-ablation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .coder import Coder
+from .config import check
+from .data.harvest import find_module
+
+Patch = Callable[[Tensor], Tensor]
+
+
+def reconstruct_with(coder: Coder) -> Patch:
+    """[..., d] activations → their reconstruction through the coder's Code."""
+
+    def patch(a: Tensor) -> Tensor:
+        flat = a.reshape(-1, a.shape[-1]).float()
+        return coder.decode(coder.encode(flat)).reshape(a.shape).to(a.dtype)
+
+    return patch
+
+
+@contextmanager
+def patched(module: nn.Module, fn: Patch, point: str = "output", where: Tensor | None = None) -> Iterator[None]:
+    """Replace the module's output (or first input) by fn(it) at the positions `where` [B, T] (all if None)."""
+    check(point in ("output", "input"), f"hook point must be output or input, got {point!r}")
+
+    def swap(a: Tensor) -> Tensor:
+        new = fn(a)
+        return new if where is None else torch.where(where[..., None].to(a.device), new, a)
+
+    if point == "output":
+        def hook(m: nn.Module, args: Any, out: Any) -> Any:
+            return (swap(out[0]), *out[1:]) if isinstance(out, tuple) else swap(out)
+        handle = module.register_forward_hook(hook)
+    else:
+        def pre(m: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if args:
+                return (swap(args[0]), *args[1:]), kwargs
+            key = "hidden_states" if "hidden_states" in kwargs else next(k for k, v in kwargs.items()
+                                                                         if isinstance(v, Tensor))
+            return args, {**kwargs, key: swap(kwargs[key])}
+        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    get = getattr(model, "get_output_embeddings", None)
+    return get is not None and get() is not None
+
+
+def _outputs(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+    """Per-row figure of one forward pass: [B, T-1] token losses (LM) or [B, h] pooled embeddings."""
+    out = model(input_ids=ids, attention_mask=mask)
+    if is_causal_lm(model):
+        logits = out.logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                               reduction="none").reshape(ids.shape[0], -1)
+    h = out.last_hidden_state.float()
+    return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+
+
+@torch.no_grad()
+def spliced_loss(model: nn.Module, hook: str, patch: Patch, ids: Tensor, mask: Tensor | None = None,
+                 point: str = "output", where: Tensor | None = None, batch_size: int = 16) -> dict[str, Any]:
+    """Clean, spliced and zero-ablated downstream loss over token contexts `ids` [N, T], and loss recovered."""
+    check(ids.ndim == 2, f"token ids must be [contexts, tokens], got {tuple(ids.shape)}")
+    module = find_module(model, hook)
+    device = next(model.parameters()).device
+    mask = torch.ones_like(ids) if mask is None else mask
+    causal = is_causal_lm(model)
+    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    count = 0
+    for s in range(0, ids.shape[0], batch_size):
+        b_ids, b_mask = ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)
+        b_where = None if where is None else where[s : s + batch_size].to(device)
+        clean = _outputs(model, b_ids, b_mask)
+        runs = {"clean": clean}
+        for name, fn in (("spliced", patch), ("zero", torch.zeros_like)):
+            with patched(module, fn, point, b_where):
+                runs[name] = _outputs(model, b_ids, b_mask)
+        if causal:
+            valid = b_mask[:, 1:].bool()
+            for name, losses in runs.items():
+                totals[name] += losses[valid].sum().item()
+            count += int(valid.sum())
+        else:
+            for name, emb in runs.items():
+                totals[name] += (1 - F.cosine_similarity(emb, clean, dim=1)).sum().item()
+            count += b_ids.shape[0]
+    loss = {k: v / max(count, 1) for k, v in totals.items()}
+    gap = loss["zero"] - loss["clean"]
+    return {
+        "metric": "next-token CE" if causal else "1 - cos(pooled embedding)",
+        "loss_clean": loss["clean"],
+        "loss_spliced": loss["spliced"],
+        "loss_zero": loss["zero"],
+        "loss_increase": loss["spliced"] - loss["clean"],
+        "loss_recovered": (loss["zero"] - loss["spliced"]) / gap if abs(gap) > 1e-12 else float("nan"),
+    }
