@@ -27,23 +27,34 @@ def _pairs(items: list[str] | None, what: str) -> list[tuple[str, str]]:
 
 
 def source_config(spec: str, options: list[str] | None, seed: int):
-    """`synthetic`, `clusters` or a path to a .npy file, with `key=value` options for synthetic kinds."""
+    """`synthetic`, `clusters`, `model` (on the fly), a store folder or a .npy file; `key=value` options."""
     from .config import parse_value
     from .data.source import SourceConfig
+    from .data.store import MANIFEST, StoreOptions
+    from .data.stream import StreamConfig
     from .data.synthetic import ClustersConfig, SparseFeaturesConfig
 
-    kinds = {"synthetic": SparseFeaturesConfig, "clusters": ClustersConfig}
-    if spec in kinds:
-        opts = {k: parse_value(kinds[spec], k, v) for k, v in _pairs(options, "--source-opt")}
-        return SourceConfig(kind=spec, options=opts, seed=seed)
-    if options:
-        raise SparsecodeError(f"--source-opt applies to synthetic sources, not to {spec!r}")
     path = Path(spec)
-    if path.suffix == ".npy":
+    kinds = {"synthetic": SparseFeaturesConfig, "clusters": ClustersConfig, "model": StreamConfig}
+    if spec in kinds:
+        kind, where = spec, None
+    elif path.suffix == ".npy":
         if not path.is_file():
             raise SparsecodeError(f"activation file not found: {path}")
-        return SourceConfig(kind="npy", path=str(path.resolve()), seed=seed)
-    raise SparsecodeError(f"--source must be 'synthetic', 'clusters' or a .npy file, got {spec!r}")
+        kind, where = "npy", str(path.resolve())
+    elif path.is_dir() and (path / MANIFEST).is_file():
+        kind, where = "store", str(path.resolve())
+    elif path.exists():
+        raise SparsecodeError(f"{path} is neither a .npy file nor an activation store ({MANIFEST} missing)")
+    else:
+        raise SparsecodeError(f"--source must be synthetic, clusters, model, a store folder or a .npy file; "
+                              f"{spec!r} is none of these")
+    cls = kinds.get(kind, StoreOptions if kind == "store" else None)
+    pairs = _pairs(options, "--source-opt")
+    if pairs and cls is None:
+        raise SparsecodeError(f"--source-opt does not apply to {kind} sources")
+    opts = {k: parse_value(cls, k, v) for k, v in pairs}
+    return SourceConfig(kind=kind, path=where, options=opts, seed=seed)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -107,10 +118,78 @@ def cmd_eval(a: argparse.Namespace) -> int:
     elif cfg.source.kind == "memory":
         raise SparsecodeError(f"run {run} was trained on in-memory data; evaluate it with --data FILE.npy")
     else:
+        src_cfg = cfg.source
         source = open_source(cfg.source, "eval")
+    if source.d != coder.cfg.d_in:
+        raise SparsecodeError(f"the data has d={source.d} but the run expects d_in={coder.cfg.d_in}")
     result = evaluate(coder, source, rows=a.rows, batch_size=a.batch_size)
-    print(json.dumps(result) if a.json else format_metrics(result))
+    if src_cfg.kind == "store" and a.splice_contexts > 0:
+        from .splice import splice_store
+
+        result["spliced"] = splice_store(coder, src_cfg.path, src_cfg.heldout, a.splice_contexts)
+    write_eval(run, result)
+    print(json.dumps(result) if a.json else format_metrics(flat_metrics(result)))
     return 0
+
+
+def write_eval(run: Path, result: dict[str, Any]) -> None:
+    from .checkpoint import atomic_write_json
+
+    atomic_write_json(run / "eval.json", result)
+
+
+def flat_metrics(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Scalars of a nested eval result as `group.key` entries (lists, such as histograms, left out)."""
+    out: dict[str, Any] = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            out.update(flat_metrics(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix + key] = value
+    return out
+
+
+def run_eval(run: Path, rows: int = 65536, splice_contexts: int = 16) -> dict[str, Any]:
+    """The run's eval.json, computed (and saved) first if it is missing."""
+    from .checkpoint import read_json
+
+    if not (run / "eval.json").is_file():
+        args = argparse.Namespace(run=str(run), data=None, rows=rows, batch_size=4096, json=True,
+                                  splice_contexts=splice_contexts)
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            cmd_eval(args)
+    return read_json(run / "eval.json")
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report import write_report
+
+    run = Path(a.run)
+    if not run.is_dir():
+        raise SparsecodeError(f"run directory not found: {run}")
+    page = write_report(run, run_eval(run, a.rows), Path(a.out) if a.out else None)
+    print(f"report written to {page}")
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .report import compare
+
+    rows = compare([Path(r) for r in a.runs], Path(a.out))
+    cols = ["run", "method", "m", "k", "fvu", "l0", "dead", "utilisation", "loss_recovered", "source"]
+    table = [cols] + [[_cell(r[c]) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    print(f"FVU-vs-L0 plot written to {a.out}")
+    return 0
+
+
+def _cell(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def cmd_info(a: argparse.Namespace) -> int:
@@ -139,27 +218,38 @@ def cmd_methods(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    """Train the default method on the embedded data and print a short report."""
+    """Harvest MiniLM activations from the embedded corpus, train the default method, evaluate, report."""
     import shutil
 
+    from .data.harvest import HarvestConfig, harvest
     from .data.source import SourceConfig, open_source
     from .evaluate import evaluate
+    from .splice import splice_store
     from .train import TrainConfig, train
 
+    store = Path(a.stores) / f"minilm-{a.hook}-{a.tokens}"
+    print(f"1/3 harvest: MiniLM-L6 {a.hook} over the Python stdlib docs corpus, {a.tokens} tokens -> {store}")
+    harvest(HarvestConfig(out=str(store), model="minilm", hook=a.hook, corpus="stdlib", tokens=a.tokens),
+            progress=not a.no_progress)
     out = Path(a.out)
     if out.exists():
         shutil.rmtree(out)
-    cfg = TrainConfig(method="topk", coder={"m": 512, "k": 6, "dead_tokens": 100_000},
-                      source=SourceConfig(kind="synthetic", options={"d": 64, "n_features": 256, "active": 3}),
-                      steps=a.steps, batch_size=1024, lr=2e-3)
-    print(f"training topk (m=512, k=6) on synthetic superposition data (d=64, 256 true features), "
-          f"{cfg.steps} steps")
+    cfg = TrainConfig(method="topk", coder={"m": a.m, "k": a.k, "dead_tokens": 1_000_000},
+                      source=SourceConfig(kind="store", path=str(store.resolve())),
+                      steps=a.steps, batch_size=1024, lr=a.lr, log_every=100)
+    print(f"2/3 train: topk (m={a.m}, k={a.k}), {a.steps} steps of 1024 tokens")
     coder = train(cfg, out, progress=not a.no_progress)
-    result = evaluate(coder, open_source(cfg.source, "eval"), rows=32768)
-    print("held-out: " + format_metrics(result))
-    print(f"FVU {result['fvu']:.4f}  L0 {result['l0']:.2f}  dead {last_metrics(out)['dead']:.1%}  "
-          f"recovered {result['recovered']:.1%} of true features")
-    print(f"run written to {out}")
+    print("3/3 evaluate on the held-out 5% of the store, and splice the code into MiniLM")
+    result = evaluate(coder, open_source(cfg.source, "eval"), rows=65536)
+    result["spliced"] = splice_store(coder, str(store), cfg.source.heldout, contexts=16)
+    write_eval(out, result)
+    dead = last_metrics(out)["dead"]
+    sp = result["spliced"]
+    print(f"FVU {result['fvu']:.4f}  L0 {result['l0']:.1f}  dead {dead:.1%}  "
+          f"(not fired on held-out: {result['never_fired']:.1%})")
+    print(f"spliced into MiniLM: {sp['metric']} clean {sp['loss_clean']:.4f}, spliced {sp['loss_spliced']:.4f}, "
+          f"zero-ablated {sp['loss_zero']:.4f} -> loss recovered {sp['loss_recovered']:.1%}")
+    print(f"run written to {out} (eval.json, metrics.jsonl, checkpoints/)")
     return 0
 
 
@@ -169,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a method on an activation source")
     t.add_argument("--method", default="topk", help="a registered method (see `sparsecode methods`)")
-    t.add_argument("--source", default="synthetic", help="synthetic | clusters | path/to/acts.npy")
-    t.add_argument("--source-opt", action="append", metavar="KEY=VALUE", help="synthetic source option")
+    t.add_argument("--source", default="synthetic",
+                   help="synthetic | clusters | model (on the fly) | a store folder | path/to/acts.npy")
+    t.add_argument("--source-opt", action="append", metavar="KEY=VALUE", help="an option of the source")
     t.add_argument("-m", type=int, help="dictionary / codebook size")
     t.add_argument("-k", type=int, help="active atoms per token (sparse methods)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other option of the method")
@@ -189,11 +280,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="metrics of a saved run on held-out data")
     e.add_argument("run")
-    e.add_argument("--data", help="a .npy file to evaluate on instead of the run's held-out split")
+    e.add_argument("--data", help="a .npy file or store to evaluate on instead of the run's held-out split")
+    e.add_argument("--splice-contexts", type=int, default=16,
+                   help="contexts for the spliced downstream loss (store runs; 0 = skip)")
     e.add_argument("--rows", type=int, default=65536)
     e.add_argument("--batch-size", type=int, default=4096)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("report", help="write a self-contained HTML report of a run (plots included)")
+    r.add_argument("run")
+    r.add_argument("--out", help="report folder (default RUN/report)")
+    r.add_argument("--rows", type=int, default=65536, help="held-out rows if the run has no eval.json yet")
+    r.set_defaults(fn=cmd_report)
+
+    c = sub.add_parser("compare", help="table of several runs and an FVU-vs-L0 plot")
+    c.add_argument("runs", nargs="+")
+    c.add_argument("--out", default="compare.png")
+    c.set_defaults(fn=cmd_compare)
 
     i = sub.add_parser("info", help="config and last metrics of a run")
     i.add_argument("run")
@@ -201,9 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the registered methods").set_defaults(fn=cmd_methods)
 
-    d = sub.add_parser("demo", help="train the default method on the embedded data and report")
+    from .data.harvest import add_harvest_command
+
+    add_harvest_command(sub)
+
+    d = sub.add_parser("demo", help="harvest MiniLM activations, train the default method, evaluate")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=1500)
+    d.add_argument("--stores", default="runs/stores", help="folder of harvested stores (reused when complete)")
+    d.add_argument("--hook", default="encoder.layer.3")
+    d.add_argument("--tokens", type=int, default=200_000)
+    d.add_argument("-m", type=int, default=3072)
+    d.add_argument("-k", type=int, default=32)
+    d.add_argument("--steps", type=int, default=1000)
+    d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=cmd_demo)
     return p

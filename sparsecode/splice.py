@@ -114,3 +114,34 @@ def spliced_loss(model: nn.Module, hook: str, patch: Patch, ids: Tensor, mask: T
         "loss_increase": loss["spliced"] - loss["clean"],
         "loss_recovered": (loss["zero"] - loss["spliced"]) / gap if abs(gap) > 1e-12 else float("nan"),
     }
+
+
+def splice_store(coder: Coder, store_path: str, heldout: float = 0.05, contexts: int = 16,
+                 device: str = "auto") -> dict[str, Any]:
+    """Spliced loss on contexts rebuilt from a store's held-out region (its model, hook, corpus, layout)."""
+    from itertools import islice
+
+    from .data.corpus import open_corpus
+    from .data.harvest import Layout, load_model, pack
+    from .data.source import split_rows
+    from .data.store import Store
+    from .errors import SparsecodeError
+    from .train import pick_device
+
+    store = Store(store_path, verify=False)
+    m = store.manifest
+    first = split_rows(store.n, heldout, "eval").start if heldout > 0 else 0
+    start = torch.tensor([first])
+    cursor = (int(store.gather(start, "doc")[0]), int(store.gather(start, "pos")[0]))
+    model, tokenizer, revision = load_model(m["model"], m.get("revision"), pick_device(device))
+    if revision != m["model_revision"]:
+        raise SparsecodeError(f"model {m['model']!r} changed since the harvest of {store_path} "
+                              f"({revision} now, {m['model_revision']} then)")
+    layout = Layout.of(tokenizer, m["context"], m["prepend_bos"])
+    ctxs = list(islice(pack(open_corpus(m["corpus"], m["text_field"]), tokenizer, layout, cursor), contexts))
+    ids = torch.tensor([c.ids for c in ctxs])
+    mask = torch.tensor([c.mask for c in ctxs])
+    where = torch.tensor([c.pos for c in ctxs]) >= 0  # only positions the code was trained on
+    coder = coder.to(next(model.parameters()).device)
+    result = spliced_loss(model, m["hook"], reconstruct_with(coder), ids, mask, m["hook_point"], where)
+    return {**result, "contexts": len(ctxs)}
