@@ -133,3 +133,14 @@ def test_store_plugs_into_the_trainer(tmp_path):
     resumed = train(cfg, tmp_path / "b", resume=True)
     for k, v in straight.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_labelled_batch_uses_next_tokens_within_documents(tmp_path):
+    path = make_store(tmp_path / "s")  # row i: token i % 7, document i // 50, position i % 50
+    src = source(path)
+    x, labels = src.labelled_batch(500, classes=3)
+    rows = ids(x)
+    assert len(rows) == len(set(rows)) > 100
+    assert all(r % 50 != 49 for r in rows)  # the last token of a document has no next token
+    assert labels.tolist() == [(r + 1) % 7 for r in rows]
+    assert len(set(labels.tolist())) == 3

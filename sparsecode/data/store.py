@@ -285,6 +285,21 @@ class StoreSource:
     def next_batch(self, n: int) -> Tensor:
         return self.store.gather(self.next_indices(n))
 
+    def labelled_batch(self, n: int, classes: int = 32) -> tuple[Tensor, Tensor]:
+        """Up to n rows of the split labelled by their next token, kept where that token is among the
+        split's `classes` most frequent next tokens (neural collapse with next tokens as classes)."""
+        idx = torch.arange(self.rows.start, self.rows.stop - 1)
+        tokens, doc, pos = (self.store.gather(torch.arange(self.rows.start, self.rows.stop), k)
+                            for k in ("tokens", "doc", "pos"))
+        follows = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1] + 1)
+        nxt = tokens[1:]
+        top = torch.bincount(nxt[follows]).topk(min(classes, int(follows.sum()))).indices
+        keep = follows & torch.isin(nxt, top)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "store/labelled"))
+        chosen = keep.nonzero()[:, 0]
+        chosen = chosen[torch.randperm(len(chosen), generator=g)[:n]].sort().values
+        return self.store.gather(idx[chosen]), nxt[chosen]
+
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "pos": self.pos, "rows": len(self.rows)}
 
