@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -76,3 +77,13 @@ def test_module_entry_point_exit_code():
     proc = subprocess.run([sys.executable, "-m", "sparsecode", "train", "--method", "nope", "--out", "x"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_minilm(tmp_path, capsys):
+    code = main(["demo", "--out", str(tmp_path / "demo"), "--stores", str(tmp_path / "stores"), "--tokens", "6000",
+                 "--steps", "30", "-m", "256", "-k", "8", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"FVU \d\.\d{4}  L0 8\.0  dead \d+\.\d%", out), out
+    assert "loss recovered" in out and (tmp_path / "demo" / "eval.json").is_file()
