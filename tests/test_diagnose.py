@@ -58,3 +58,19 @@ def test_active_units_half_forced_to_prior():
     au = active_units(mu, logvar)
     assert au["active_units"] == 4 and au["active_share"] == 0.5 and au["passive"] == [4, 5, 6, 7]
     assert all(k < 1e-9 for k in au["kl_per_dim"][4:]) and all(k > 0.5 for k in au["kl_per_dim"][:4])
+
+
+def test_evaluate_reports_posterior_collapse_of_a_variational_sae():
+    from sparsecode.coder import build
+    from sparsecode.data.source import TensorSource
+    from sparsecode.evaluate import evaluate
+
+    vsae = build("vsae", {"d_in": 16, "m": 32, "k": 4})
+    with torch.no_grad():
+        vsae.W_enc[16:] = 0  # latents 16..31: posterior mean fixed at b_enc = 0, the prior's mean
+        vsae.W_var[16:] = 0
+        vsae.b_var[16:] = 0  # and unit variance: q(z_i|x) = N(0, 1) exactly
+    result = evaluate(vsae, TensorSource(torch.randn(2048, 16)), rows=2048)
+    post = result["posterior"]
+    assert post["active_units"] == 16 and post["passive"] == list(range(16, 32))
+    assert max(post["kl_per_dim"][16:]) < 1e-12 < min(post["kl_per_dim"][:16])

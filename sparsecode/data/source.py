@@ -66,7 +66,7 @@ def register_source(kind: str):
 def open_source(cfg: SourceConfig, split: str = "train") -> ActivationSource:
     """Open the `train` or `eval` split of a configured source."""
     check(split in ("train", "eval"), f"split must be 'train' or 'eval', got {split!r}")
-    from . import store, stream, synthetic  # noqa: F401  (registers their kinds)
+    from . import hierarchical, store, stream, synthetic  # noqa: F401  (registers their kinds)
 
     if cfg.kind == "memory":
         raise SparsecodeError("this run was trained on in-memory data, which cannot be reopened; pass the data")

@@ -7,6 +7,7 @@ AuxK: the residual x − x̂ is reconstructed by the top `aux_k` latents among t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -35,10 +36,15 @@ class TopKSAE(SAE):
     """ReLU then top-k of the pre-activations; x̂ sums the k chosen decoder rows."""
 
     config_class = TopKConfig
+    aux_fill: ClassVar[float] = float("-inf")  # what hides live latents from AuxK's top-k
+
+    def pick(self, pre: Tensor, k: int) -> Code:
+        """The k largest pre-activations of each row, after ReLU."""
+        values, indices = pre.topk(k, dim=1, sorted=False)
+        return Code(indices, values.relu(), self.cfg.m)
 
     def select(self, pre: Tensor) -> Code:
-        values, indices = pre.topk(self.cfg.k, dim=1, sorted=False)
-        return Code(indices, values.relu(), self.cfg.m)
+        return self.pick(pre, self.cfg.k)
 
     def encode(self, x: Tensor) -> Code:
         self.check_input(x)
@@ -47,7 +53,10 @@ class TopKSAE(SAE):
     def forward(self, x: Tensor) -> Output:
         self.check_input(x)
         pre = self.pre_acts(x)
-        code = self.select(pre)
+        return self.output(x, pre, self.select(pre))
+
+    def output(self, x: Tensor, pre: Tensor, code: Code) -> Output:
+        """FVU, plus AuxK and dead-latent tracking in training."""
         x_hat = self.decode(code)
         losses = {"fvu": fvu(x, x_hat)}
         if self.training:
@@ -64,7 +73,6 @@ class TopKSAE(SAE):
         if n_dead == 0:
             return None
         k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, n_dead)
-        values, indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1, sorted=False)
         residual = (x - x_hat).detach()
-        r_hat = decode(Code(indices, values.relu(), self.cfg.m), self.W_dec)
+        r_hat = decode(self.pick(pre.masked_fill(~dead, self.aux_fill), k_aux), self.W_dec)
         return (residual - r_hat).pow(2).sum() / total_variance(x)

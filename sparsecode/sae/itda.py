@@ -1,0 +1,92 @@
+"""ITDA ("Inference-time decomposition of activations"): a dictionary of real activations, no gradients.
+
+Build: each incoming chunk of `chunk` rows is approximated by k steps of (signed, classic) matching
+pursuit over the current dictionary; every row whose relative error ‖r‖/‖x‖ exceeds `max_error` becomes
+a new atom, normalised, until m atoms are held. Chunks make the greedy pass sequential at that grain
+(rows of one chunk can both enter). Each atom keeps its source index: its row's position in the stream
+of rows the method was fed (the trainer's init sample first, then the training batches), stored in the
+checkpoint as the buffer `source_index` (−1 for empty slots). Building happens in the training forward
+(and on the init sample); there are no parameters, so the trainer takes no optimizer step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..code import Code, decode
+from ..coder import Coder, CoderConfig, Output, register
+from ..config import check
+from ..metrics import fvu
+from .mp import matching_pursuit
+
+
+@dataclass
+class ITDAConfig(CoderConfig):
+    k: int = 32  # matching-pursuit steps
+    max_error: float = 0.3  # relative ℓ2 error above which a row joins the dictionary
+    chunk: int = 64  # rows approximated together before the dictionary grows
+
+    def validate(self) -> None:
+        super().validate()
+        check(0 < self.k <= self.m, f"k must be in 1..m={self.m}, got {self.k}")
+        check(0 < self.max_error < 1, f"max_error must be in (0, 1), got {self.max_error}")
+        check(self.chunk > 0, f"chunk must be positive, got {self.chunk}")
+
+
+@register("itda")
+class ITDA(Coder):
+    """Greedy dictionary of normalised activations, matching-pursuit encoder."""
+
+    config_class = ITDAConfig
+
+    def __init__(self, cfg: ITDAConfig):
+        super().__init__(cfg)
+        self.register_buffer("W_dec", torch.zeros(cfg.m, cfg.d_in))
+        self.register_buffer("source_index", torch.full((cfg.m,), -1, dtype=torch.long))
+        self.register_buffer("n_atoms", torch.zeros((), dtype=torch.long))
+        self.register_buffer("rows_seen", torch.zeros((), dtype=torch.long))
+
+    def encode(self, x: Tensor) -> Code:
+        self.check_input(x)
+        indices, values, _ = matching_pursuit(x, self.W_dec, self.cfg.k, signed=True)
+        return Code(indices, values, self.cfg.m)
+
+    def decode(self, code: Code) -> Tensor:
+        return decode(code, self.W_dec)
+
+    def atoms(self) -> Tensor:
+        return self.W_dec
+
+    @torch.no_grad()
+    def grow(self, x: Tensor) -> None:
+        """Add the rows of `x` that the dictionary approximates badly, chunk by chunk."""
+        for start in range(0, x.shape[0], self.cfg.chunk):
+            n = int(self.n_atoms)
+            if n == self.cfg.m:
+                break
+            part = x[start : start + self.cfg.chunk]
+            _, _, r = matching_pursuit(part, self.W_dec[:n], min(self.cfg.k, n), signed=True) if n else (0, 0, part)
+            norms = part.norm(dim=1)
+            new = ((r.norm(dim=1) > self.cfg.max_error * norms) & (norms > 0)).nonzero()[:, 0]
+            new = new[: self.cfg.m - n]
+            self.W_dec[n : n + new.numel()] = F.normalize(part[new], dim=1)
+            self.source_index[n : n + new.numel()] = self.rows_seen + start + new
+            self.n_atoms += new.numel()
+        self.rows_seen += x.shape[0]
+
+    def init_from_data(self, x: Tensor) -> None:
+        self.grow(x)
+
+    def forward(self, x: Tensor) -> Output:
+        self.check_input(x)
+        if self.training:
+            self.grow(x)
+        code = self.encode(x)
+        x_hat = self.decode(code)
+        if self.training:
+            self.track(code)
+        return Output(x_hat, code, {"fvu": fvu(x, x_hat)}, {"atoms": float(self.n_atoms)})

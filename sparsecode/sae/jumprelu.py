@@ -1,0 +1,93 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping ahead"; Gemma Scope): z = pre · H(pre − θ), L0 penalty.
+
+Reading of the pseudo-derivatives (the paper's straight-through estimators, as in its reference code
+and SAELens): with the rectangle kernel K(u) = 1{|u| < ½} and bandwidth ε,
+  ∂JumpReLU(pre; θ)/∂θ = −(θ/ε) · K((pre − θ)/ε),   ∂H(pre − θ)/∂θ = −(1/ε) · K((pre − θ)/ε),
+and neither passes a gradient to `pre` through the step (pre gets the plain gradient where z = pre).
+θ = exp(log θ) per latent (autograd chains through exp). Loss = FVU + λ · mean_b L0_b.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..code import Code
+from ..coder import CoderConfig, Output, register
+from ..config import check
+from ..metrics import fvu
+from .base import SAE, dense_to_code
+
+
+def _rect(u: Tensor) -> Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, theta = ctx.saved_tensors
+        g_theta = -(theta / ctx.eps) * _rect((pre - theta) / ctx.eps) * grad
+        return grad * (pre > theta), g_theta.sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, theta = ctx.saved_tensors
+        g_theta = -(1.0 / ctx.eps) * _rect((pre - theta) / ctx.eps) * grad
+        return torch.zeros_like(pre), g_theta.sum(0), None
+
+
+@dataclass
+class JumpReLUConfig(CoderConfig):
+    l0_coef: float = 0.01  # λ of the L0 penalty (per row, next to FVU)
+    bandwidth: float = 0.05  # ε of the rectangle kernel, in pre-activation units
+    theta_init: float = 0.1
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.l0_coef >= 0, f"l0_coef must be non-negative, got {self.l0_coef}")
+        check(self.bandwidth > 0, f"bandwidth must be positive, got {self.bandwidth}")
+        check(self.theta_init > 0, f"theta_init must be positive, got {self.theta_init}")
+
+
+@register("jumprelu")
+class JumpReLUSAE(SAE):
+    """Per-latent learned thresholds θ; a latent is active where its pre-activation exceeds θ."""
+
+    config_class = JumpReLUConfig
+
+    def __init__(self, cfg: JumpReLUConfig):
+        super().__init__(cfg)
+        self.log_theta = nn.Parameter(torch.full((cfg.m,), math.log(cfg.theta_init)))
+
+    def encode(self, x: Tensor) -> Code:
+        self.check_input(x)
+        pre = self.pre_acts(x)
+        return dense_to_code(pre * (pre > self.log_theta.exp()), self.cfg.m)
+
+    def forward(self, x: Tensor) -> Output:
+        self.check_input(x)
+        pre, theta = self.pre_acts(x), self.log_theta.exp()
+        code = dense_to_code(_JumpReLU.apply(pre, theta, self.cfg.bandwidth), self.cfg.m)
+        x_hat = self.decode(code)
+        l0 = _Step.apply(pre, theta, self.cfg.bandwidth).sum(1).mean()
+        if self.training:
+            self.track(code)
+        return Output(x_hat, code, {"fvu": fvu(x, x_hat), "l0": self.cfg.l0_coef * l0})

@@ -1,0 +1,49 @@
+"""The classic ReLU SAE: z = ReLU(W_enc (x − b_dec) + b_enc), loss FVU + λ Σ_i |z_i| · ‖W_dec,i‖.
+
+The decoder rows are free (not renormalised): the L1 term weights each latent by its atom's norm, so
+shrinking z while growing the atom gains nothing. The L1 sum is divided by the batch's rms distance to
+its mean (`per_row_scale`), which makes λ independent of the data's scale, like FVU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..code import Code
+from ..coder import CoderConfig, Output, register
+from ..config import check
+from ..metrics import fvu
+from .base import SAE, dense_to_code, per_row_scale
+
+
+@dataclass
+class ReLUConfig(CoderConfig):
+    l1_coef: float = 0.05  # λ, on the unitless scale above
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.l1_coef >= 0, f"l1_coef must be non-negative, got {self.l1_coef}")
+
+
+@register("relu")
+class ReLUSAE(SAE):
+    """Every latent with a positive pre-activation is active; sparsity comes from the L1 penalty."""
+
+    config_class = ReLUConfig
+    unit_atoms = False
+
+    def encode(self, x: Tensor) -> Code:
+        self.check_input(x)
+        return dense_to_code(self.pre_acts(x).relu(), self.cfg.m)
+
+    def forward(self, x: Tensor) -> Output:
+        self.check_input(x)
+        z = self.pre_acts(x).relu()
+        code = dense_to_code(z, self.cfg.m)
+        x_hat = self.decode(code)
+        l1 = (z * self.W_dec.norm(dim=1)).sum(1).mean() / per_row_scale(x)
+        if self.training:
+            self.track(code)
+        return Output(x_hat, code, {"fvu": fvu(x, x_hat), "l1": self.cfg.l1_coef * l1})

@@ -1,0 +1,59 @@
+"""top-AFA SAE (Lee et al. 2025, "Evaluating and designing SAEs by approximating quasi-orthogonality").
+
+No fixed k. Reading of the stopping rule (from the authors' code, SewoongLee/top-afa-sae): sort the ReLU
+activations (times their atom's norm; ours are 1) in decreasing order, take the running ℓ2 norm of the
+kept prefix, and keep the prefix whose norm is closest to the dense input's norm ‖x − b_dec‖ (argmin of
+the absolute gap, at least one latent). AFA loss: afa_coef · mean_b (‖z_b‖₂ − ‖x_b − b_dec‖₂)², which
+we divide by the batch's mean squared distance to its mean to share FVU's unitless scale; the authors
+use the uncentred ‖x‖ in the loss, we use x − b_dec in both places, the vector the code reconstructs.
+`k` here is only the slot cap: the most latents one row may keep. AuxK as in TopK.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..code import Code
+from ..coder import Output, register
+from ..config import check
+from ..metrics import total_variance
+from .topk import TopKConfig, TopKSAE
+
+
+@dataclass
+class TopAFAConfig(TopKConfig):
+    k: int = 64  # slot cap per row, not the sparsity
+    afa_coef: float = 1 / 32
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.afa_coef >= 0, f"afa_coef must be non-negative, got {self.afa_coef}")
+
+
+@register("topafa")
+class TopAFASAE(TopKSAE):
+    """Keep the largest activations while their ℓ2 norm approaches the input's."""
+
+    config_class = TopAFAConfig
+
+    def select_for(self, pre: Tensor, target: Tensor) -> Code:
+        values, indices = pre.relu().topk(self.cfg.k, dim=1, sorted=True)
+        norms = values.detach().pow(2).cumsum(1).sqrt()  # norm of the first j+1 kept
+        keep = (norms - target[:, None]).abs().argmin(1, keepdim=True) + 1
+        drop = torch.arange(self.cfg.k, device=pre.device)[None, :] >= keep
+        return Code(indices.masked_fill(drop, -1), values.masked_fill(drop, 0.0), self.cfg.m)
+
+    def encode(self, x: Tensor) -> Code:
+        self.check_input(x)
+        return self.select_for(self.pre_acts(x), (x - self.b_dec).norm(dim=1))
+
+    def forward(self, x: Tensor) -> Output:
+        self.check_input(x)
+        pre, target = self.pre_acts(x), (x - self.b_dec).norm(dim=1)
+        out = self.output(x, pre, self.select_for(pre, target.detach()))
+        gap = out.code.values.norm(dim=1) - target.detach()
+        out.losses["afa"] = self.cfg.afa_coef * gap.pow(2).sum() / total_variance(x)
+        return out
