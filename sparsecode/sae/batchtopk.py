@@ -61,8 +61,8 @@ class BatchTopKSAE(TopKSAE):
 
     def forward(self, x: Tensor) -> Output:
         self.check_input(x)
-        pre = self.pre_acts(x)
+        pre = self.train_pre_acts(x)
         code = self.batch_select(pre) if self.training else self.select(pre)
         if self.training:
             self.update_threshold(code)
-        return self.output(x, pre, code)
+        return self.output(x, pre, self.attach(x, code))

@@ -2,6 +2,11 @@
 
 AuxK: the residual x − x̂ is reconstructed by the top `aux_k` latents among those dead for
 `dead_tokens` tokens, weighted by `aux_coef` (1/32 in the paper); both losses share the FVU scale.
+
+With `sparse_grad` (the default) the [B, m] pre-activations are scored without autograd and only the
+picked ones are made differentiable (kernels/sparse_encoder.py): the encoder's backward costs O(B·k·d)
+instead of two dense matmuls. `sparse_grad=false` is the dense reference path; both give the same
+gradients (tests/test_kernels.py, tests/test_topk.py).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from torch import Tensor
 from ..code import Code, decode
 from ..coder import CoderConfig, Output, register
 from ..config import check
+from ..kernels.sparse_encoder import picked, pre_acts
 from ..metrics import fvu, total_variance
 from .base import SAE
 
@@ -23,6 +29,7 @@ class TopKConfig(CoderConfig):
     k: int = 32  # active latents per token
     aux_k: int | None = None  # dead latents used by AuxK; None → d_in // 2
     aux_coef: float = 1 / 32
+    sparse_grad: bool = True  # encoder gradients only for the picked latents (False: dense reference)
 
     def validate(self) -> None:
         super().validate()
@@ -52,8 +59,23 @@ class TopKSAE(SAE):
 
     def forward(self, x: Tensor) -> Output:
         self.check_input(x)
-        pre = self.pre_acts(x)
-        return self.output(x, pre, self.select(pre))
+        pre = self.train_pre_acts(x)
+        return self.output(x, pre, self.attach(x, self.select(pre)))
+
+    def train_pre_acts(self, x: Tensor) -> Tensor:
+        """[B, m] pre-activations for selection: without autograd on the sparse-gradient path."""
+        if self.cfg.sparse_grad:
+            return pre_acts(x - self.b_dec, self.W_enc, self.b_enc)
+        return self.pre_acts(x)
+
+    def attach(self, x: Tensor, code: Code) -> Code:
+        """On the sparse-gradient path, make the code's values differentiable in the encoder again: each
+        active value is its pre-activation (ReLU, top-k and thresholds only zero the others)."""
+        if not self.cfg.sparse_grad:
+            return code
+        active = code.active()
+        values = picked(x - self.b_dec, self.W_enc, self.b_enc, code.indices.clamp_min(0), code.values)
+        return Code(code.indices, values * active, code.size)
 
     def output(self, x: Tensor, pre: Tensor, code: Code) -> Output:
         """FVU, plus AuxK and dead-latent tracking in training."""
@@ -74,5 +96,6 @@ class TopKSAE(SAE):
             return None
         k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, n_dead)
         residual = (x - x_hat).detach()
-        r_hat = decode(self.pick(pre.masked_fill(~dead, self.aux_fill), k_aux), self.W_dec)
+        aux = self.attach(x, self.pick(pre.masked_fill(~dead, self.aux_fill), k_aux))
+        r_hat = decode(aux, self.W_dec)
         return (residual - r_hat).pow(2).sum() / total_variance(x)

@@ -23,10 +23,12 @@ from .topk import TopKConfig, TopKSAE
 class VSAEConfig(TopKConfig):
     kl_coef: float = 1e-3
     logvar_init: float = -4.0  # initial log σ² (b_var); W_var starts at zero
+    sparse_grad: bool = False  # the code is picked from a sample, not from the pre-activations
 
     def validate(self) -> None:
         super().validate()
         check(self.kl_coef >= 0, f"kl_coef must be non-negative, got {self.kl_coef}")
+        check(not self.sparse_grad, "vsae picks its code from a sample of q(z|x): sparse_grad must be false")
 
 
 @register("vsae")
