@@ -20,6 +20,8 @@ def batches(coder: Coder, source: ActivationSource, rows: int, batch_size: int):
     if source.d != coder.cfg.d_in:
         raise SparsecodeError(f"the data has d={source.d} but the run expects d_in={coder.cfg.d_in}")
     device = next(iter(coder.buffers())).device
+    if hasattr(source, "__len__"):  # a finite split: one pass at most, no row counted twice
+        rows = min(rows, len(source))
     done = 0
     while done < rows:
         x = source.next_batch(min(batch_size, rows - done)).to(device, torch.float32)

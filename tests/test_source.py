@@ -44,3 +44,12 @@ def test_npy_errors_are_one_line(tmp_path):
         open_source(SourceConfig(kind="npy", path=str(tmp_path / "junk.npy")))
     with pytest.raises(SparsecodeError, match="unknown source kind 'synthtic' \\(did you mean 'synthetic'\\?\\)"):
         open_source(SourceConfig(kind="synthtic"))
+
+
+def test_evaluation_reads_a_finite_split_once():
+    from sparsecode.coder import build
+    from sparsecode.evaluate import evaluate
+
+    src = TensorSource(torch.randn(300, 8))
+    assert len(src) == 300
+    assert evaluate(build("topk", {"d_in": 8, "m": 16, "k": 2}), src, rows=10_000, details=False)["rows"] == 300

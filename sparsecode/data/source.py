@@ -94,6 +94,9 @@ class TensorSource:
         self.pos = 0
         self._order = self._perm(0)
 
+    def __len__(self) -> int:
+        return len(self.rows)
+
     def _perm(self, epoch: int) -> Tensor:
         g = torch.Generator().manual_seed(derive_seed(self.seed, f"epoch{epoch}"))
         return torch.randperm(len(self.rows), generator=g) + self.rows.start

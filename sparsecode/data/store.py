@@ -247,6 +247,9 @@ class StoreSource:
         self._plan_epoch = -1
         self._window: tuple[int, int, Tensor] | None = None  # (epoch, window, shuffled row indices)
 
+    def __len__(self) -> int:
+        return len(self.rows)
+
     def _plan(self) -> None:
         """The epoch's chunk order and the row offset where each window ends."""
         if self._plan_epoch == self.epoch:
