@@ -52,3 +52,14 @@ def test_recovery_counts_features_above_threshold():
     assert r["recovered"] == 0.5  # features 0 and 1; 2 and 3 only reach cos 0.707
     best = [1 / math.sqrt(1.01), 1.0, 1 / math.sqrt(2), 1 / math.sqrt(2)]
     assert math.isclose(r["mean_best_cos"], sum(best) / 4, rel_tol=1e-6)
+
+
+def test_dead_share_hand_computed():
+    from sparsecode.coder import build
+
+    sae = build("topk", {"d_in": 2, "m": 4, "k": 1, "dead_tokens": 5})
+    sae.track(Code(torch.tensor([[0], [1], [0]]), torch.ones(3, 1), 4))  # atoms 2, 3 idle for 3 tokens
+    assert sae.since_fired.tolist() == [0, 0, 3, 3] and sae.dead_mask().float().mean() == 0
+    sae.track(Code(torch.tensor([[1], [2]]), torch.tensor([[1.0], [0.0]]), 4))  # atom 2's value is 0: not fired
+    assert sae.since_fired.tolist() == [2, 0, 5, 5]
+    assert sae.dead_mask().float().mean().item() == 0.5  # atoms 2 and 3 reached dead_tokens=5
