@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint clean
+.PHONY: demo test test-slow lint clean bench-data zoo
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+bench-data: $(STAMP)
+	$(PY) bench/data_bench.py
+
+zoo: $(STAMP)
+	$(PY) bench/sae_zoo.py --d 32 --m 128 --k 4 --steps 600 --batch 512 --lr 4e-3 --eval-rows 4096 --out zoo.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
