@@ -7,6 +7,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def blocks(n: int, k: int, budget: int) -> tuple[int, int]:
+    """(rows, codes) of one distance block, so that rows · codes ≤ budget (at least one of each)."""
+    rows = max(1, min(n, budget))
+    return rows, max(1, min(k, budget // rows))
+
+
 @torch.no_grad()
 def nearest(x: Tensor, codes: Tensor, metric: str = "l2", budget: int = 1 << 24) -> Tensor:
     """[B] index of each row's nearest code (L2, or cosine); distance blocks hold ≤ `budget` elements."""
@@ -14,8 +20,7 @@ def nearest(x: Tensor, codes: Tensor, metric: str = "l2", budget: int = 1 << 24)
         x, codes = F.normalize(x, dim=1), F.normalize(codes, dim=1)
     n, k = x.shape[0], codes.shape[0]
     sq = codes.pow(2).sum(1)
-    rows = max(1, min(n, budget))
-    cols = max(1, min(k, budget // rows))
+    rows, cols = blocks(n, k, budget)
     out = torch.empty(n, dtype=torch.long, device=x.device)
     for r in range(0, n, rows):
         xr = x[r : r + rows]
@@ -28,5 +33,27 @@ def nearest(x: Tensor, codes: Tensor, metric: str = "l2", budget: int = 1 << 24)
             better = v < best
             best = torch.where(better, v, best)
             best_idx = torch.where(better, i + c, best_idx)
+        out[r : r + rows] = best_idx
+    return out
+
+
+@torch.no_grad()
+def most_similar(x: Tensor, codes: Tensor, k: int, budget: int = 1 << 24) -> Tensor:
+    """[B, k] indices of each row's k codes of highest cosine similarity, best first, in bounded blocks."""
+    x, codes = F.normalize(x, dim=1), F.normalize(codes, dim=1)
+    n, m = x.shape[0], codes.shape[0]
+    rows, cols = blocks(n, m, budget)
+    cols = max(cols, min(k, m))  # a block must hold k candidates besides the running best
+    out = torch.empty(n, k, dtype=torch.long, device=x.device)
+    for r in range(0, n, rows):
+        xr = x[r : r + rows]
+        best = xr.new_full((xr.shape[0], 0), float("-inf"))
+        best_idx = torch.zeros(xr.shape[0], 0, dtype=torch.long, device=x.device)
+        for c in range(0, m, cols):
+            sim = xr @ codes[c : c + cols].t()
+            v, i = sim.topk(min(k, sim.shape[1]), dim=1)
+            v, i = torch.cat([best, v], 1), torch.cat([best_idx, i + c], 1)
+            best, pick = v.topk(min(k, v.shape[1]), dim=1)
+            best_idx = i.gather(1, pick)
         out[r : r + rows] = best_idx
     return out

@@ -1,0 +1,93 @@
+"""Codebook utilisation vs codebook size: plain vq, vq + remedies, simvq, frozen_projector, vqbridge, fsq.
+
+Held-out utilisation (share of codes used), perplexity, FVU, time per step and churn (codes restarted per
+step after warm-up) on the clustered synthetic set. FSQ is counted over its implicit codes (`code_ids`),
+with levels 4^n matched to K. CPU sizes by default; pass --sizes 65536 262144 on a GPU.
+
+    .venv/bin/python bench/vq_utilisation.py [--sizes 1024 4096 16384] [--steps 60] [--d 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sparsecode.data.source import SourceConfig, open_source
+from sparsecode.evaluate import evaluate
+from sparsecode.metrics import perplexity
+from sparsecode.train import TrainConfig, train
+
+
+def methods(k: int) -> dict[str, tuple[str, dict]]:
+    return {
+        "vq (no remedies)": ("vq", {"m": k, "kmeans_init": False, "restart_after": 0}),
+        "vq (+restarts)": ("vq", {"m": k, "kmeans_init": False, "restart_after": 10}),
+        "vq (+k-means, restarts)": ("vq", {"m": k, "kmeans_iters": 2, "restart_after": 10}),
+        "simvq": ("simvq", {"m": k}),
+        "frozen_projector": ("frozen_projector", {"m": k, "kmeans_iters": 2}),
+        "vqbridge": ("vqbridge", {"m": k, "group": 16 if k <= 16384 else 64}),
+        "fsq": ("fsq", {"levels": [4] * round(math.log(k, 4))}),
+    }
+
+
+@torch.no_grad()
+def implicit_usage(coder, source, rows: int, batch: int = 8192) -> dict[str, float]:
+    counts = torch.zeros(coder.implicit_size(), dtype=torch.float64)
+    for _ in range(rows // batch):
+        counts += torch.bincount(coder.code_ids(coder.encode(source.next_batch(batch))), minlength=counts.numel())
+    return {"utilisation": (counts > 0).double().mean().item(), "perplexity": perplexity(counts)}
+
+
+def measure(name: str, method: str, coder: dict, k: int, args) -> dict:
+    source = SourceConfig(kind="clusters", options={"d": args.d, "n_clusters": args.clusters, "spread": args.spread})
+    cfg = TrainConfig(method=method, coder=coder, source=source, steps=args.steps, batch_size=args.batch,
+                      lr=args.lr, warmup_steps=args.warmup, min_lr_ratio=0.01, log_every=args.warmup,
+                      ckpt_every=10**9, init_rows=max(16384, 4 * k))
+    with tempfile.TemporaryDirectory() as d:
+        coder_ = train(cfg, Path(d))
+        log = [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+    rows = args.eval_per_code * k
+    result = evaluate(coder_, open_source(source, "eval"), rows=rows)
+    if hasattr(coder_, "code_ids") and method != "rvq":
+        result.update(implicit_usage(coder_, open_source(source, "eval"), rows))
+    after = [r for r in log if r["step"] > args.warmup]
+    return {"method": name, "K": k, "utilisation": result["utilisation"], "perplexity": result["perplexity"],
+            "fvu": result["fvu"],
+            "ms_per_step": sum(1000 * args.batch / r["tokens_per_s"] for r in after) / max(len(after), 1),
+            "churn": sum(r.get("restarts", 0.0) for r in after) / max(len(after), 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--methods", nargs="*", default=None, help="subset of the method names")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--d", type=int, default=8)
+    p.add_argument("--clusters", type=int, default=256)
+    p.add_argument("--spread", type=float, default=0.5)
+    p.add_argument("--eval-per-code", type=int, default=8, help="held-out rows per code")
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("| method | K | utilisation | perplexity | FVU | ms/step | churn (restarts/step after warm-up) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for k in args.sizes:
+        for name, (method, coder) in methods(k).items():
+            if args.methods and name not in args.methods and method not in args.methods:
+                continue
+            r = measure(name, method, coder, k, args)
+            print(f"| {r['method']} | {k} | {r['utilisation']:.1%} | {r['perplexity']:.0f} | {r['fvu']:.4f} | "
+                  f"{r['ms_per_step']:.0f} | {r['churn']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

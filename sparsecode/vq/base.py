@@ -1,0 +1,99 @@
+"""What the codebooks with a computed codebook share (simvq, frozen_projector, vqbridge).
+
+The codebook C = f(θ) is a function of trainable parameters; each row picks its nearest code (L2 or
+cosine, chunked search), weight 1. The codebook loss ‖sg(x) − q‖² trains θ (so every code moves, not
+only the chosen ones), the commitment loss β‖x − sg(q)‖² trains whatever feeds the quantizer, and the
+straight-through estimator passes gradients from q to x. Both losses are on the FVU scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..code import Code, decode
+from ..coder import Coder, CoderConfig, Output
+from ..config import check
+from ..metrics import fvu
+from .search import nearest
+
+
+def identity_linear(d: int) -> nn.Linear:
+    """A d×d linear layer (with bias) that starts as the identity map."""
+    lin = nn.Linear(d, d)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(d))
+        lin.bias.zero_()
+    return lin
+
+
+@dataclass
+class QuantizerConfig(CoderConfig):
+    metric: str = "l2"  # l2 | cosine
+    beta: float = 0.25  # commitment weight
+    search_budget: int = 1 << 24  # most elements in one [rows, codes] distance block
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.metric in ("l2", "cosine"), f"metric must be 'l2' or 'cosine', got {self.metric!r}")
+        check(self.beta >= 0, f"beta must be non-negative, got {self.beta}")
+        check(self.search_budget >= 1, f"search_budget must be positive, got {self.search_budget}")
+
+
+class Quantizer(Coder):
+    """Nearest code of a computed codebook `codes()`; the codebook is cached while not training."""
+
+    def __init__(self, cfg: QuantizerConfig):
+        super().__init__(cfg)
+        self._cache: Tensor | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: module.clear_cache())
+
+    def codes(self) -> Tensor:
+        """[m, d_in] the codebook as a differentiable function of the parameters."""
+        raise NotImplementedError
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def train(self, mode: bool = True):
+        self.clear_cache()
+        return super().train(mode)
+
+    def current_codes(self) -> Tensor:
+        """The codebook without gradient, computed once per evaluation (cached in eval mode)."""
+        if self.training or self._cache is None:
+            with torch.no_grad():
+                codes = self.codes()
+            if self.training:
+                return codes
+            self._cache = codes
+        return self._cache
+
+    def lookup(self, x: Tensor, codes: Tensor) -> Code:
+        idx = nearest(x.detach(), codes.detach(), self.cfg.metric, self.cfg.search_budget)
+        return Code(idx[:, None], torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype), self.cfg.m)
+
+    def encode(self, x: Tensor) -> Code:
+        self.check_input(x)
+        return self.lookup(x, self.current_codes())
+
+    def decode(self, code: Code) -> Tensor:
+        return decode(code, self.current_codes())
+
+    def atoms(self) -> Tensor:
+        return self.current_codes()
+
+    def forward(self, x: Tensor) -> Output:
+        self.check_input(x)
+        codes = self.codes()
+        code = self.lookup(x, codes)
+        q = decode(code, codes)
+        losses = {"codebook": fvu(x.detach(), q), "commit": self.cfg.beta * fvu(x, q.detach())}
+        if self.training:
+            self.track(code)
+        return Output(x + (q - x).detach(), code, losses, {"restarts": 0.0})
+
+    def after_step(self) -> None:
+        self.clear_cache()

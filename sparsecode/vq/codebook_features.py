@@ -1,0 +1,64 @@
+"""Codebook features (Tamkin et al.): replace an activation by the sum of the k codes of a large codebook
+most similar to it (cosine), weight 1 each; the codebook learns by the reconstruction loss, so only the
+chosen codes move. Codes start from data rows scaled by 1/k (our choice), so k similar codes sum to about
+one row. Top-k search is chunked: never a [B, m] similarity matrix over `search_budget`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..code import Code, decode
+from ..coder import Coder, CoderConfig, Output, register
+from ..config import check
+from ..metrics import fvu
+from .search import most_similar
+
+
+@dataclass
+class CodebookFeaturesConfig(CoderConfig):
+    k: int = 8  # codes summed per row
+    search_budget: int = 1 << 24
+
+    def validate(self) -> None:
+        super().validate()
+        check(0 < self.k <= self.m, f"k must be in 1..m={self.m}, got k={self.k}")
+        check(self.search_budget >= 1, f"search_budget must be positive, got {self.search_budget}")
+
+
+@register("codebook_features")
+class CodebookFeatures(Coder):
+    """x̂ = sum of the k most cosine-similar codes."""
+
+    config_class = CodebookFeaturesConfig
+
+    def __init__(self, cfg: CodebookFeaturesConfig):
+        super().__init__(cfg)
+        self.codebook = nn.Parameter(torch.randn(cfg.m, cfg.d_in) / (cfg.d_in**0.5 * cfg.k))
+
+    def encode(self, x: Tensor) -> Code:
+        self.check_input(x)
+        idx = most_similar(x.detach(), self.codebook.detach(), self.cfg.k, self.cfg.search_budget)
+        return Code(idx, torch.ones(idx.shape, device=x.device, dtype=x.dtype), self.cfg.m)
+
+    def decode(self, code: Code) -> Tensor:
+        return decode(code, self.codebook)
+
+    def atoms(self) -> Tensor:
+        return self.codebook
+
+    def forward(self, x: Tensor) -> Output:
+        code = self.encode(x)
+        x_hat = self.decode(code)
+        if self.training:
+            self.track(code)
+        return Output(x_hat, code, {"fvu": fvu(x, x_hat)})
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        n = x.shape[0]
+        idx = torch.randint(n, (self.cfg.m,), generator=self.generator).to(x.device)
+        self.codebook.copy_(x[idx] / self.cfg.k)

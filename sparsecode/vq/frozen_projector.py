@@ -1,0 +1,59 @@
+"""Large frozen codebook + trained projector (VQGAN-LC): codes are the data's own k-means centres or
+samples, frozen; only a linear projector P (d×d with bias, identity at the start) that maps the codebook
+into the latent space is trained, by the codebook loss: C = P(C₀).
+
+Set the run's `init_rows` ≥ m: the codebook is drawn from the rows handed to `init_from_data`
+(with fewer rows than codes, rows repeat and the copies stay unused).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..coder import register
+from ..config import check
+from .base import Quantizer, QuantizerConfig, identity_linear
+from .kmeans import kmeans
+
+
+@dataclass
+class FrozenProjectorConfig(QuantizerConfig):
+    init: str = "kmeans"  # kmeans | samples: how the frozen codebook is drawn from the data
+    kmeans_iters: int = 5
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.init in ("kmeans", "samples"), f"init must be 'kmeans' or 'samples', got {self.init!r}")
+        check(self.kmeans_iters >= 0, f"kmeans_iters must be non-negative, got {self.kmeans_iters}")
+
+
+@register("frozen_projector")
+class FrozenProjector(Quantizer):
+    """Frozen data-drawn codebook C₀; the codebook in use is P(C₀) with a trained linear P."""
+
+    config_class = FrozenProjectorConfig
+
+    def __init__(self, cfg: FrozenProjectorConfig):
+        super().__init__(cfg)
+        self.register_buffer("frozen", torch.randn(cfg.m, cfg.d_in) / cfg.d_in**0.5)
+        self.proj = identity_linear(cfg.d_in)
+
+    def codes(self) -> Tensor:
+        return self.proj(self.frozen)
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        cfg = self.cfg
+        if cfg.init == "kmeans":
+            c = kmeans(x, cfg.m, cfg.kmeans_iters, "l2", self.generator, cfg.search_budget)
+        else:
+            n = x.shape[0]
+            idx = torch.randperm(n, generator=self.generator)[: cfg.m]
+            if n < cfg.m:
+                idx = torch.cat([idx, torch.randint(n, (cfg.m - n,), generator=self.generator)])
+            c = x[idx.to(x.device)]
+        self.frozen.copy_(c)
+        self.clear_cache()
