@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint clean bench-data zoo
+.PHONY: demo test test-slow lint clean bench-data zoo bench-vq bench-latent bench-kv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,16 @@ bench-data: $(STAMP)
 
 zoo: $(STAMP)
 	$(PY) bench/sae_zoo.py --d 32 --m 128 --k 4 --steps 600 --batch 512 --lr 4e-3 --eval-rows 4096 --out zoo.md
+
+bench-vq: $(STAMP)
+	$(PY) bench/vq_utilisation.py --sizes 1024 4096 16384
+
+bench-latent: $(STAMP)
+	$(PY) bench/latent_quant.py
+
+bench-kv: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	$(PY) bench/kv_incremental.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -46,6 +46,12 @@ def parse_value(cls: type, key: str, text: str) -> Any:
     if text.lower() in ("none", "null") and type(None) in options:
         return None
     for t in options:
+        if typing.get_origin(t) is list:  # "8,5,5,5" -> [8, 5, 5, 5]
+            (item,) = typing.get_args(t)
+            try:
+                return [item(part) for part in text.split(",") if part.strip()]
+            except ValueError:
+                continue
         if t is bool:
             if text.lower() in ("1", "true", "yes", "on"):
                 return True

@@ -10,7 +10,7 @@ from .coder import Coder
 from .data.source import ActivationSource
 from .diagnose import active_units, neural_collapse
 from .errors import SparsecodeError
-from .metrics import CodeStats, atom_cosines, effective_rank, frequency_histogram, recovery
+from .metrics import CodeStats, atom_cosines, effective_rank, frequency_histogram, perplexity, recovery
 
 MAX_COSINE_ATOMS = 8192  # atom-pair cosines cost m²·d: above this, a fixed random subset of atoms
 
@@ -39,10 +39,18 @@ def evaluate(coder: Coder, source: ActivationSource, rows: int = 65536, batch_si
     was_training = coder.training
     coder.eval()
     stats = CodeStats(coder.cfg.m)
+    implicit = getattr(coder, "implicit_size", None)  # per-dimension quantizers: count the tuples of levels
+    ids = []
     for x in batches(coder, source, rows, batch_size):
         code = coder.encode(x)
         stats.update(x, coder.decode(code), code)
+        if implicit is not None:
+            ids.append(coder.code_ids(code).cpu())
     result: dict[str, Any] = {"rows": stats.rows, **stats.result()}
+    if implicit is not None:
+        counts = torch.unique(torch.cat(ids), return_counts=True)[1]
+        result.update(implicit_codes=implicit(), implicit_used=int(counts.numel()),
+                      implicit_utilisation=counts.numel() / implicit(), implicit_perplexity=perplexity(counts))
     if details:
         atoms = coder.atoms().detach().float().cpu()
         result["effective_rank_used_atoms"] = effective_rank(atoms[stats.counts > 0])
