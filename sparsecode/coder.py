@@ -68,7 +68,17 @@ class Coder(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Output:
-        raise NotImplementedError
+        """The training pass: by default encode, decode and score FVU; methods with more losses override."""
+        return self.reconstruct(x, self.encode(x))
+
+    def reconstruct(self, x: Tensor, code: Code, **losses: Tensor) -> Output:
+        """Decode `code`, count atom usage in training, and return FVU plus any extra loss terms."""
+        from .metrics import fvu
+
+        x_hat = self.decode(code)
+        if self.training:
+            self.track(code)
+        return Output(x_hat, code, {"fvu": fvu(x, x_hat), **losses})
 
     # --- hooks for the trainer ------------------------------------------------------------------
     def init_from_data(self, x: Tensor) -> None:

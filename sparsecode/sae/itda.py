@@ -20,7 +20,6 @@ from torch import Tensor
 from ..code import Code, decode
 from ..coder import Coder, CoderConfig, Output, register
 from ..config import check
-from ..metrics import fvu
 from .mp import matching_pursuit
 
 
@@ -85,8 +84,6 @@ class ITDA(Coder):
         self.check_input(x)
         if self.training:
             self.grow(x)
-        code = self.encode(x)
-        x_hat = self.decode(code)
-        if self.training:
-            self.track(code)
-        return Output(x_hat, code, {"fvu": fvu(x, x_hat)}, {"atoms": float(self.n_atoms)})
+        out = self.reconstruct(x, self.encode(x))
+        out.stats["atoms"] = float(self.n_atoms)
+        return out

@@ -15,9 +15,8 @@ import torch
 from torch import Tensor
 
 from ..code import Code
-from ..coder import CoderConfig, Output, register
+from ..coder import CoderConfig, register
 from ..config import check
-from ..metrics import fvu
 from .base import SAE
 
 
@@ -61,10 +60,3 @@ class MPSAE(SAE):
         self.check_input(x)
         indices, values, _ = matching_pursuit(x - self.b_dec, self.W_dec, self.cfg.k)
         return Code(indices, values, self.cfg.m)
-
-    def forward(self, x: Tensor) -> Output:
-        code = self.encode(x)
-        x_hat = self.decode(code)
-        if self.training:
-            self.track(code)
-        return Output(x_hat, code, {"fvu": fvu(x, x_hat)})

@@ -14,7 +14,6 @@ from torch import Tensor
 from ..code import Code
 from ..coder import CoderConfig, Output, register
 from ..config import check
-from ..metrics import fvu
 from .base import SAE, dense_to_code, per_row_scale
 
 
@@ -42,8 +41,5 @@ class ReLUSAE(SAE):
         self.check_input(x)
         z = self.pre_acts(x).relu()
         code = dense_to_code(z, self.cfg.m)
-        x_hat = self.decode(code)
         l1 = (z * self.W_dec.norm(dim=1)).sum(1).mean() / per_row_scale(x)
-        if self.training:
-            self.track(code)
-        return Output(x_hat, code, {"fvu": fvu(x, x_hat), "l1": self.cfg.l1_coef * l1})
+        return self.reconstruct(x, code, l1=self.cfg.l1_coef * l1)

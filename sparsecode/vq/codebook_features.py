@@ -12,9 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from ..code import Code, decode
-from ..coder import Coder, CoderConfig, Output, register
+from ..coder import Coder, CoderConfig, register
 from ..config import check
-from ..metrics import fvu
 from .search import most_similar
 
 
@@ -49,13 +48,6 @@ class CodebookFeatures(Coder):
 
     def atoms(self) -> Tensor:
         return self.codebook
-
-    def forward(self, x: Tensor) -> Output:
-        code = self.encode(x)
-        x_hat = self.decode(code)
-        if self.training:
-            self.track(code)
-        return Output(x_hat, code, {"fvu": fvu(x, x_hat)})
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:

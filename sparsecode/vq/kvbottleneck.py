@@ -22,7 +22,6 @@ from ..code import Code, decode
 from ..coder import Coder, CoderConfig, Output, register
 from ..config import check
 from ..errors import SparsecodeError
-from ..metrics import fvu
 from .kmeans import kmeans
 from .search import nearest
 
@@ -90,11 +89,7 @@ class KVBottleneck(Coder):
         if self.values.shape[1] != self.cfg.d_in:
             raise SparsecodeError("kvbottleneck: values of width d_value != d_in are class scores; "
                                   "train them with logits() and a classification loss, not by reconstruction")
-        code = self.encode(x)
-        x_hat = self.decode(code)
-        if self.training:
-            self.track(code)
-        return Output(x_hat, code, {"fvu": fvu(x, x_hat)})
+        return super().forward(x)
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
