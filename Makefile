@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint clean bench-data zoo bench-vq bench-latent bench-kv
+.PHONY: demo test test-slow lint clean bench-data zoo bench-vq bench-latent bench-kv bench-throughput
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,22 @@ bench-latent: $(STAMP)
 bench-kv: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) bench/kv_incremental.py
+
+# The peers (SAELens, sparsify, vector-quantize-pytorch) live in their own venv: benchmark-only.
+BENCH_VENV ?= .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP): pyproject.toml constraints.txt
+	test -x $(BENCH_PY) || python3 -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --upgrade pip
+	$(BENCH_PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(BENCH_PY) -m pip install -q -c constraints.txt sae-lens==6.54.12 eai-sparsify==1.3.3 vector-quantize-pytorch==1.32.0
+	$(BENCH_PY) -m pip install -q -c constraints.txt -e .
+	touch $(BENCH_STAMP)
+
+bench-throughput: $(BENCH_STAMP)
+	$(BENCH_PY) bench/throughput.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
