@@ -32,7 +32,8 @@ def test_train_eval_info_methods(trained, capsys):
     code, out, _ = cli("info", str(trained), capsys=capsys)
     assert code == 0 and "method: vq" in out and "step-0000040" in out and "fvu=" in out
     code, out, _ = cli("methods", capsys=capsys)
-    assert code == 0 and out.splitlines()[0].startswith("topk") and any(ln.startswith("vq") for ln in out.splitlines())
+    names = [ln.split()[0] for ln in out.splitlines()]
+    assert code == 0 and names == sorted(names) and {"topk", "vq", "mp", "simvq", "fsq"} <= set(names)
 
 
 @pytest.mark.parametrize("args, message", [
