@@ -213,7 +213,7 @@ def cmd_methods(a: argparse.Namespace) -> int:
 
     for name, cls in methods().items():
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        print(f"{name:12s} {doc}")
+        print(f"{name:18s} {doc}")
     return 0
 
 
