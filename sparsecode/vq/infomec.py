@@ -23,8 +23,9 @@ def _labels(col: Tensor) -> Tensor:
 
 def _discretise(col: Tensor, bins: int) -> Tensor:
     """Equal-count bins of a continuous column (ties share a bin)."""
-    edges = torch.quantile(col.double(), torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1])
-    return _labels(torch.bucketize(col.double(), edges))
+    col = col.double().contiguous()
+    edges = torch.quantile(col, torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1])
+    return _labels(torch.bucketize(col, edges))
 
 
 def mutual_information(a: Tensor, b: Tensor) -> float:
