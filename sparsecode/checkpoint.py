@@ -46,6 +46,16 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def verify_files(root: Path, digests: dict[str, str], what: str) -> None:
+    """Check each file under `root` against its sha256; a missing or corrupt one is named in the error."""
+    for name, digest in digests.items():
+        f = Path(root) / name
+        if not f.is_file():
+            raise SparsecodeError(f"{what} missing: {f}")
+        if sha256(f) != digest:
+            raise SparsecodeError(f"{what} is corrupt or truncated (sha256 mismatch): {f}")
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -149,12 +159,7 @@ def verify(ckpt: Path) -> dict[str, Any]:
     meta = read_json(ckpt / STATE_JSON)
     if not isinstance(meta, dict) or "sha256" not in meta:
         raise SparsecodeError(f"corrupt checkpoint metadata: {ckpt / STATE_JSON}")
-    for name, digest in meta["sha256"].items():
-        f = ckpt / name
-        if not f.is_file():
-            raise SparsecodeError(f"checkpoint file missing: {f}")
-        if sha256(f) != digest:
-            raise SparsecodeError(f"checkpoint file is corrupt or truncated (sha256 mismatch): {f}")
+    verify_files(ckpt, meta["sha256"], "checkpoint file")
     return meta
 
 

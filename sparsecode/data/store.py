@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from ..checkpoint import atomic_write, atomic_write_json, read_json, sha256
+from ..checkpoint import atomic_write, atomic_write_json, read_json, sha256, verify_files
 from ..config import check, derive_seed, from_dict
 from ..errors import SparsecodeError
 from .source import SourceConfig, register_source, split_rows
@@ -133,12 +133,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def verify_shard(root: Path, shard: dict[str, Any]) -> None:
     """Check every file of a shard against its sha256 in the manifest; a failure names the file."""
-    for fname, digest in shard["sha256"].items():
-        f = root / fname
-        if not f.is_file():
-            raise SparsecodeError(f"store shard missing: {f}")
-        if sha256(f) != digest:
-            raise SparsecodeError(f"store shard is corrupt or truncated (sha256 mismatch): {f}")
+    verify_files(root, shard["sha256"], "store shard")
 
 
 # --- reading --------------------------------------------------------------------------------------
