@@ -247,8 +247,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     sp = result["spliced"]
     print(f"FVU {result['fvu']:.4f}  L0 {result['l0']:.1f}  dead {dead:.1%}  "
           f"(not fired on held-out: {result['never_fired']:.1%})")
-    print(f"spliced into MiniLM: {sp['metric']} clean {sp['loss_clean']:.4f}, spliced {sp['loss_spliced']:.4f}, "
-          f"zero-ablated {sp['loss_zero']:.4f} -> loss recovered {sp['loss_recovered']:.1%}")
+    clean, spliced, zero = (round(sp[k], 4) + 0.0 for k in ("loss_clean", "loss_spliced", "loss_zero"))  # no -0.0
+    print(f"spliced into MiniLM: {sp['metric']} clean {clean:.4f}, spliced {spliced:.4f}, "
+          f"zero-ablated {zero:.4f} -> loss recovered {sp['loss_recovered']:.1%}")
     print(f"run written to {out} (eval.json, metrics.jsonl, checkpoints/)")
     return 0
 
