@@ -24,7 +24,7 @@ def test_gba_firing_frequencies_converge_to_each_groups_target():
     """4 groups with targets 0.1, 0.046, 0.022, 0.01: each group's mean firing frequency on held-out rows
     lies within ±25% of its target, and 80% of latents fire within a factor 2 of theirs."""
     sae, r = run("gba", {"groups": 4, "freq_max": 0.1, "freq_min": 0.01, "gamma": 0.01}, steps=600)
-    assert r["fvu"] < 0.45, r  # measured 0.39: no L1 shrinkage, but no recovery at this size either
+    assert r["fvu"] < 0.3, r  # measured 0.227 (0.39 before b_dec was fixed and encoder rows unit-norm)
     x = open_source(SourceConfig(kind="synthetic", options=SUPERPOSITION), "eval").next_batch(8192)
     freq = (sae.pre_acts(x) > 0).float().mean(0)
     group = sae.group_of()
@@ -34,3 +34,22 @@ def test_gba_firing_frequencies_converge_to_each_groups_target():
         assert abs(mean / target - 1) < 0.25, (g, target, mean)
     ratio = freq / sae.target
     assert ((ratio > 0.5) & (ratio < 2)).float().mean() >= 0.8, ratio
+
+
+def test_gba_stays_stable_on_the_hierarchical_set(tmp_path):
+    """Regression: with b_dec trained and a free encoder scale, FVU ran from 0.23 to 10.3 in 600 steps."""
+    import json
+
+    import sparsecode.data.hierarchical  # noqa: F401
+    from sparsecode.data.source import SourceConfig, open_source
+    from sparsecode.evaluate import evaluate
+    from sparsecode.train import TrainConfig, train
+
+    src = SourceConfig(kind="hierarchical", options={"d": 32, "n_parents": 16, "n_children": 4})
+    cfg = TrainConfig(method="gba", coder={"m": 128, "freq_max": 0.1, "freq_min": 0.01, "groups": 4},
+                      source=src, steps=600, batch_size=512, lr=4e-3, log_every=100)
+    gba = train(cfg, tmp_path / "run")
+    log = [json.loads(line)["fvu"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert log == sorted(log, reverse=True) and log[-1] < 0.2, log  # falls at every log line
+    assert evaluate(gba, open_source(src, "eval"), rows=4096)["fvu"] < 0.2
+    torch.testing.assert_close(gba.W_enc.norm(dim=1), torch.ones(128))

@@ -9,6 +9,10 @@ frequency p_m over that window and r_m the largest pre-activation W_enc,m·(x �
   b_m ← b_m − γ·r_m if p_m > TAF,   b_m ← b_m + γ·r_m if p_m < TAF,   then b_m ← min(b_m, 0).
 The paper raises the bias only of latents that (almost) never fire; raising it whenever p_m < TAF makes
 the rule two-sided, so each frequency settles at its target (the behaviour the tests assert).
+Two constraints of ours keep the thresholds meaningful: b_dec stays at the data mean (set from the first
+rows, not trained: `train_b_dec`), and encoder rows stay unit-norm (`unit_encoder`). Measured without
+them on the hierarchical set (600 steps): b_dec drifted to norm 6.5, biases ran to −50, FVU 0.23 → 10.3;
+with both: FVU 0.135 there and 0.224 on the superposition set (0.265 before).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class GBAConfig(CoderConfig):
     freq_min: float = 0.001  # TAF of the last group
     gamma: float = 0.01  # bias step, as a share of r_m
     adapt_every: int = 1  # steps per adaptation window
+    unit_encoder: bool = True  # keep encoder rows unit-norm, so the biases alone set the thresholds
+    train_b_dec: bool = False  # b_dec stays at the data mean; training it let the thresholds run away
 
     def validate(self) -> None:
         super().validate()
@@ -51,6 +57,7 @@ class GBASAE(SAE):
     def __init__(self, cfg: GBAConfig):
         super().__init__(cfg)
         self.b_enc.requires_grad_(False)
+        self.b_dec.requires_grad_(cfg.train_b_dec)
         group = torch.arange(cfg.m) * cfg.groups // cfg.m
         ratio = torch.tensor(cfg.freq_min / cfg.freq_max)
         self.register_buffer("target", cfg.freq_max * ratio.pow(group / max(cfg.groups - 1, 1)))
@@ -83,6 +90,8 @@ class GBASAE(SAE):
     @torch.no_grad()
     def after_step(self) -> None:
         super().after_step()
+        if self.cfg.unit_encoder:
+            self.W_enc /= self.W_enc.norm(dim=1, keepdim=True).clamp_min(1e-8)
         if self.window_rows == 0:
             return
         self.window_steps += 1
