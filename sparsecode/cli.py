@@ -102,17 +102,18 @@ def format_metrics(m: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def cmd_eval(a: argparse.Namespace) -> int:
+def evaluate_run(run: Path, data: str | None = None, rows: int = 65536, batch_size: int = 4096,
+                 splice_contexts: int = 16) -> dict[str, Any]:
+    """Evaluate a run on its held-out split (or on `data`), splice stores into their model, save eval.json."""
     from .checkpoint import load_coder
     from .data.source import open_source
     from .evaluate import evaluate
     from .train import load_config
 
-    run = Path(a.run)
     cfg = load_config(run)
     coder = load_coder(run)
-    if a.data:
-        src_cfg = source_config(a.data, None, cfg.source.seed)
+    if data:
+        src_cfg = source_config(data, None, cfg.source.seed)
         src_cfg.heldout = 0.0
         source = open_source(src_cfg, "train")
     elif cfg.source.kind == "memory":
@@ -120,14 +121,19 @@ def cmd_eval(a: argparse.Namespace) -> int:
     else:
         src_cfg = cfg.source
         source = open_source(cfg.source, "eval")
-    if source.d != coder.cfg.d_in:
-        raise SparsecodeError(f"the data has d={source.d} but the run expects d_in={coder.cfg.d_in}")
-    result = evaluate(coder, source, rows=a.rows, batch_size=a.batch_size)
-    if src_cfg.kind == "store" and a.splice_contexts > 0:
+    result = evaluate(coder, source, rows=rows, batch_size=batch_size)
+    if src_cfg.kind == "store" and splice_contexts > 0:
         from .splice import splice_store
 
-        result["spliced"] = splice_store(coder, src_cfg.path, src_cfg.heldout, a.splice_contexts)
+        result["spliced"] = splice_store(coder, src_cfg.path, src_cfg.heldout, splice_contexts)
     write_eval(run, result)
+    return result
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .metrics import flat_metrics
+
+    result = evaluate_run(Path(a.run), a.data, a.rows, a.batch_size, a.splice_contexts)
     print(json.dumps(result) if a.json else format_metrics(flat_metrics(result)))
     return 0
 
@@ -138,29 +144,12 @@ def write_eval(run: Path, result: dict[str, Any]) -> None:
     atomic_write_json(run / "eval.json", result)
 
 
-def flat_metrics(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Scalars of a nested eval result as `group.key` entries (lists, such as histograms, left out)."""
-    out: dict[str, Any] = {}
-    for key, value in result.items():
-        if isinstance(value, dict):
-            out.update(flat_metrics(value, f"{prefix}{key}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[prefix + key] = value
-    return out
-
-
 def run_eval(run: Path, rows: int = 65536, splice_contexts: int = 16) -> dict[str, Any]:
     """The run's eval.json, computed (and saved) first if it is missing."""
     from .checkpoint import read_json
 
     if not (run / "eval.json").is_file():
-        args = argparse.Namespace(run=str(run), data=None, rows=rows, batch_size=4096, json=True,
-                                  splice_contexts=splice_contexts)
-        import contextlib
-        import io
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            cmd_eval(args)
+        return evaluate_run(run, rows=rows, splice_contexts=splice_contexts)
     return read_json(run / "eval.json")
 
 

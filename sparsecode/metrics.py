@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,17 @@ def recovery(atoms: Tensor, true_features: Tensor, threshold: float = 0.9) -> di
     cos = F.normalize(true_features.float(), dim=1) @ F.normalize(atoms.detach().float(), dim=1).t()
     best = cos.max(dim=1).values
     return {"recovered": (best > threshold).float().mean().item(), "mean_best_cos": best.mean().item()}
+
+
+def flat_metrics(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Scalars of a nested eval result as `group.key` entries (lists, such as histograms, left out)."""
+    out: dict[str, Any] = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            out.update(flat_metrics(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix + key] = value
+    return out
 
 
 def effective_rank(a: Tensor) -> float:

@@ -97,7 +97,7 @@ def _fmt(v: Any) -> str:
 
 def write_report(run: Path, result: dict[str, Any], out: Path | None = None) -> Path:
     """Write `<run>/report/index.html` (plots embedded, PNGs beside it); returns the page's path."""
-    from .cli import flat_metrics
+    from .metrics import flat_metrics
 
     run = Path(run)
     cfg = read_json(run / "config.json")

@@ -25,7 +25,6 @@ from torch import Tensor
 from ..code import Code
 from ..coder import CoderConfig, Output, register
 from ..config import check
-from ..metrics import fvu
 from .base import SAE, dense_to_code
 
 
@@ -77,15 +76,13 @@ class GBASAE(SAE):
     def forward(self, x: Tensor) -> Output:
         self.check_input(x)
         pre = self.pre_acts(x)
-        code = dense_to_code(pre.relu(), self.cfg.m)
-        x_hat = self.decode(code)
+        out = self.reconstruct(x, dense_to_code(pre.relu(), self.cfg.m))
         if self.training:
-            self.track(code)
             with torch.no_grad():
                 self.fires += (pre > 0).sum(0)
                 self.peak.copy_(torch.maximum(self.peak, (pre - self.b_enc).max(0).values))
                 self.window_rows += x.shape[0]
-        return Output(x_hat, code, {"fvu": fvu(x, x_hat)})
+        return out
 
     @torch.no_grad()
     def after_step(self) -> None:
