@@ -1,10 +1,11 @@
 """Codebook utilisation vs codebook size: plain vq, vq + remedies, simvq, frozen_projector, vqbridge, fsq.
 
 Held-out utilisation (share of codes used), perplexity, FVU, time per step and churn (codes restarted per
-step after warm-up) on the clustered synthetic set. FSQ is counted over its implicit codes (`code_ids`),
-with levels 4^n matched to K. CPU sizes by default; pass --sizes 65536 262144 on a GPU.
+step over the second half of training) on the clustered synthetic set. Each run sees `--rows-per-code`·K
+training rows, so every size gets the same training per code. FSQ is counted over its implicit codes
+(`code_ids`), with levels 4^n matched to K.
 
-    .venv/bin/python bench/vq_utilisation.py [--sizes 1024 4096 16384] [--steps 60] [--d 8]
+    .venv/bin/python bench/vq_utilisation.py [--sizes 1024 4096 16384 65536] [--rows-per-code 16] [--d 8]
 """
 
 from __future__ import annotations
@@ -22,16 +23,18 @@ from sparsecode.evaluate import evaluate
 from sparsecode.metrics import perplexity
 from sparsecode.train import TrainConfig, train
 
+FSQ_LR = 3e-2  # fsq is two small linear maps: at 3e-3 it has not left its random start in 300 steps (FVU 0.64)
 
-def methods(k: int) -> dict[str, tuple[str, dict]]:
+
+def methods(k: int, restart_after: float, kmeans_iters: int) -> dict[str, tuple[str, dict]]:
     return {
         "vq (no remedies)": ("vq", {"m": k, "kmeans_init": False, "restart_after": 0}),
-        "vq (+restarts)": ("vq", {"m": k, "kmeans_init": False, "restart_after": 10}),
-        "vq (+k-means, restarts)": ("vq", {"m": k, "kmeans_iters": 2, "restart_after": 10}),
+        "vq (+restarts)": ("vq", {"m": k, "kmeans_init": False, "restart_after": restart_after}),
+        "vq (+k-means, restarts)": ("vq", {"m": k, "kmeans_iters": kmeans_iters, "restart_after": restart_after}),
         "simvq": ("simvq", {"m": k}),
-        "frozen_projector": ("frozen_projector", {"m": k, "kmeans_iters": 2}),
+        "frozen_projector": ("frozen_projector", {"m": k, "kmeans_iters": kmeans_iters}),
         "vqbridge": ("vqbridge", {"m": k, "group": 16 if k <= 16384 else 64}),
-        "fsq": ("fsq", {"levels": [4] * round(math.log(k, 4))}),
+        "fsq": ("fsq", {"levels": [4] * round(math.log(k, 4))}),  # trained at FSQ_LR
     }
 
 
@@ -45,9 +48,10 @@ def implicit_usage(coder, source, rows: int, batch: int = 8192) -> dict[str, flo
 
 def measure(name: str, method: str, coder: dict, k: int, args) -> dict:
     source = SourceConfig(kind="clusters", options={"d": args.d, "n_clusters": args.clusters, "spread": args.spread})
-    cfg = TrainConfig(method=method, coder=coder, source=source, steps=args.steps, batch_size=args.batch,
-                      lr=args.lr, warmup_steps=args.warmup, min_lr_ratio=0.01, log_every=args.warmup,
-                      ckpt_every=10**9, init_rows=max(16384, 4 * k))
+    steps = max(args.min_steps, math.ceil(args.rows_per_code * k / args.batch))
+    cfg = TrainConfig(method=method, coder=coder, source=source, steps=steps, batch_size=args.batch,
+                      lr=FSQ_LR if method == "fsq" else args.lr, warmup_steps=args.warmup, min_lr_ratio=0.01,
+                      log_every=1, ckpt_every=10**9, init_rows=max(16384, 2 * k))
     with tempfile.TemporaryDirectory() as d:
         coder_ = train(cfg, Path(d))
         log = [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
@@ -56,17 +60,21 @@ def measure(name: str, method: str, coder: dict, k: int, args) -> dict:
     if hasattr(coder_, "code_ids") and method != "rvq":
         result.update(implicit_usage(coder_, open_source(source, "eval"), rows))
     after = [r for r in log if r["step"] > args.warmup]
+    second_half = [r for r in log if r["step"] > steps // 2]
     return {"method": name, "K": k, "utilisation": result["utilisation"], "perplexity": result["perplexity"],
             "fvu": result["fvu"],
             "ms_per_step": sum(1000 * args.batch / r["tokens_per_s"] for r in after) / max(len(after), 1),
-            "churn": sum(r.get("restarts", 0.0) for r in after) / max(len(after), 1)}
+            "churn": sum(r.get("restarts", 0.0) for r in second_half) / max(len(second_half), 1), "steps": steps}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     p.add_argument("--methods", nargs="*", default=None, help="subset of the method names")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--rows-per-code", type=float, default=16, help="training rows per code (sets the steps)")
+    p.add_argument("--min-steps", type=int, default=300)
+    p.add_argument("--restart-after", type=float, default=8.0, help="vq's restart_after (expected hits)")
+    p.add_argument("--kmeans-iters", type=int, default=2)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -78,15 +86,15 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print("| method | K | utilisation | perplexity | FVU | ms/step | churn (restarts/step after warm-up) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| method | K | steps | utilisation | perplexity | FVU | ms/step | churn (restarts/step, 2nd half) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for k in args.sizes:
-        for name, (method, coder) in methods(k).items():
+        for name, (method, coder) in methods(k, args.restart_after, args.kmeans_iters).items():
             if args.methods and name not in args.methods and method not in args.methods:
                 continue
             r = measure(name, method, coder, k, args)
-            print(f"| {r['method']} | {k} | {r['utilisation']:.1%} | {r['perplexity']:.0f} | {r['fvu']:.4f} | "
-                  f"{r['ms_per_step']:.0f} | {r['churn']:.1f} |", flush=True)
+            print(f"| {r['method']} | {k} | {r['steps']} | {r['utilisation']:.1%} | {r['perplexity']:.0f} | "
+                  f"{r['fvu']:.4f} | {r['ms_per_step']:.0f} | {r['churn']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,34 @@ def test_cosine_and_gradient_trained_codebooks():
         _, result, _ = run(vq_config(coder=coder, lr=1e-2))
         assert result["utilisation"] >= 0.9, (coder, result)
         assert result["mean_best_cos"] > 0.95, (coder, result)
+
+
+def test_restarts_wait_for_expected_hits_so_a_used_codebook_does_not_churn():
+    """A code restarts after restart_after·m rows unused: uniform usage of m=4096 codes with 512-row batches
+    (one hit per code every 8 steps) restarts about m·e^-8 ≈ 1.4 codes by bad luck, while a code that is
+    never hit restarts on time (a rule of 10 idle steps would restart ~29% of the codebook)."""
+    m, batch = 4096, 512
+    vq = build("vq", {"d_in": 8, "m": m, "kmeans_init": False, "restart_after": 8}).train()
+    never = 0  # code 0 is never picked: the data is drawn from the other codes
+    with torch.no_grad():
+        vq.codebook.copy_(torch.randn(m, 8) * 10)
+        vq.ema_sum.copy_(vq.codebook)
+    g = torch.Generator().manual_seed(0)
+    restarts, restarted_at = [], None
+    for step in range(1, 8 * m // batch + 9):
+        rows = torch.randint(1, m, (batch,), generator=g)
+        out = vq(vq.codebook[rows] + 1e-3 * torch.randn(batch, 8, generator=g))
+        restarts.append(out.stats["restarts"])
+        if restarted_at is None and vq.since_fired[never] == 0:
+            restarted_at = step
+    assert restarted_at == 8 * m // batch  # exactly when restart_after·m rows have passed
+    assert sum(restarts) <= 8, sum(restarts)
+
+
+def test_restarts_move_at_most_one_code_per_batch_row_onto_distinct_rows():
+    vq = build("vq", {"d_in": 4, "m": 64, "kmeans_init": False, "restart_after": 1}).train()
+    vq.since_fired.fill_(10**6)  # every code long dead
+    x = torch.randn(16, 4)
+    assert vq.restart(x, torch.rand(16)) == 16
+    moved = vq.codebook[vq.since_fired == 0]
+    assert moved.shape[0] == 16 and torch.unique(moved, dim=0).shape[0] == 16

@@ -17,7 +17,7 @@ from ..code import Code, decode
 from ..coder import Coder, CoderConfig, Output
 from ..config import check
 from ..metrics import fvu
-from .search import nearest
+from .search import BUDGET, nearest
 
 
 def identity_linear(d: int) -> nn.Linear:
@@ -33,7 +33,7 @@ def identity_linear(d: int) -> nn.Linear:
 class QuantizerConfig(CoderConfig):
     metric: str = "l2"  # l2 | cosine
     beta: float = 0.25  # commitment weight
-    search_budget: int = 1 << 24  # most elements in one [rows, codes] distance block
+    search_budget: int = BUDGET  # most elements in one [rows, codes] distance block
 
     def validate(self) -> None:
         super().validate()

@@ -14,13 +14,13 @@ from torch import Tensor, nn
 from ..code import Code, decode
 from ..coder import Coder, CoderConfig, register
 from ..config import check
-from .search import most_similar
+from .search import BUDGET, most_similar
 
 
 @dataclass
 class CodebookFeaturesConfig(CoderConfig):
     k: int = 8  # codes summed per row
-    search_budget: int = 1 << 24
+    search_budget: int = BUDGET
 
     def validate(self) -> None:
         super().validate()

@@ -20,7 +20,7 @@ from ..coder import Coder, CoderConfig, Output, register
 from ..config import check
 from ..metrics import fvu
 from .kmeans import kmeans
-from .search import nearest
+from .search import BUDGET, nearest
 
 
 @dataclass
@@ -28,7 +28,7 @@ class FactorizedConfig(CoderConfig):
     code_dim: int = 8  # dims of the lookup space
     beta: float = 0.25
     kmeans_init: bool = True  # codes from k-means of the projected data
-    search_budget: int = 1 << 24
+    search_budget: int = BUDGET
 
     def validate(self) -> None:
         super().validate()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .search import nearest
+from .search import BUDGET, nearest
 
 PLUSPLUS_MAX_K = 4096  # k-means++ costs K passes over the sample; above this, seed from a random sample
 
@@ -29,7 +29,7 @@ def seed_plusplus(x: Tensor, k: int, generator: torch.Generator | None = None) -
 
 @torch.no_grad()
 def kmeans(x: Tensor, k: int, iters: int = 10, metric: str = "l2",
-           generator: torch.Generator | None = None, budget: int = 1 << 24) -> Tensor:
+           generator: torch.Generator | None = None, budget: int = BUDGET) -> Tensor:
     """[k, d] centres of x after `iters` Lloyd steps; empty clusters keep their previous centre."""
     n = x.shape[0]
     if metric == "cosine":

@@ -23,7 +23,7 @@ from ..coder import Coder, CoderConfig, Output, register
 from ..config import check
 from ..errors import SparsecodeError
 from .kmeans import kmeans
-from .search import nearest
+from .search import BUDGET, nearest
 
 
 @dataclass
@@ -33,7 +33,7 @@ class KVBottleneckConfig(CoderConfig):
     head_dim: int = 8  # dims of each head's random projection; 0 = split d_in into `heads` equal parts
     d_value: int = 0  # width of the values; 0 = d_in (reconstruction)
     kmeans_iters: int = 10
-    search_budget: int = 1 << 24
+    search_budget: int = BUDGET
 
     def validate(self) -> None:
         super().validate()

@@ -4,7 +4,10 @@ Lookup by L2 or cosine (with `metric="cosine"` rows and codes are compared norma
 codebook keeps the unnormalised cluster means, so x̂ keeps the data's scale). The codebook learns by
 EMA (decay, Laplace smoothing) or by the codebook loss; straight-through estimator and commitment loss
 for whatever feeds the quantizer. Remedies for collapse: k-means initialisation from the first batches
-and restart of codes unused for `restart_after` steps onto badly quantized rows of the batch.
+and restart of long-unused codes onto badly quantized rows of the batch. "Long" is measured in expected hits:
+a code restarts once it has gone unused for `restart_after`·m rows, as long as a code of uniform usage takes to
+be hit `restart_after` times, so a healthy codebook of any size sees about B·e^(−restart_after) restarts per
+step (0.3 at B=1024 for the default 8) rather than churn that grows with m.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from ..coder import Coder, CoderConfig, Output, register
 from ..config import check
 from ..metrics import fvu
 from .kmeans import kmeans
-from .search import nearest
+from .search import BUDGET, nearest
 
 
 @dataclass
@@ -31,8 +34,8 @@ class VQConfig(CoderConfig):
     beta: float = 0.25  # commitment weight
     kmeans_init: bool = True
     kmeans_iters: int = 10
-    restart_after: int = 50  # steps a code may go unused before it restarts from a batch row; 0 = never
-    search_budget: int = 1 << 24  # most elements in one [rows, codes] distance block
+    restart_after: float = 8.0  # restart a code unused for restart_after·m rows (expected hits); 0 = never
+    search_budget: int = BUDGET  # most elements in one [rows, codes] distance block
 
     def validate(self) -> None:
         super().validate()
@@ -56,7 +59,6 @@ class VQ(Coder):
         self.codebook = nn.Parameter(torch.randn(cfg.m, cfg.d_in), requires_grad=not cfg.ema)
         self.register_buffer("ema_count", torch.ones(cfg.m))
         self.register_buffer("ema_sum", self.codebook.detach().clone())
-        self.register_buffer("idle_steps", torch.zeros(cfg.m, dtype=torch.long))
 
     def encode(self, x: Tensor) -> Code:
         self.check_input(x)
@@ -82,7 +84,7 @@ class VQ(Coder):
                 self.ema_update(x.detach(), code.indices[:, 0])
             if self.cfg.restart_after:
                 err = (x.detach() - q.detach()).pow(2).sum(1)
-                stats["restarts"] = float(self.restart(x.detach(), code.indices[:, 0], err))
+                stats["restarts"] = float(self.restart(x.detach(), err))
         x_hat = x + (q - x).detach()  # straight-through: forward is q, gradient passes to x
         return Output(x_hat, code, losses, stats)
 
@@ -107,20 +109,19 @@ class VQ(Coder):
         self.codebook.copy_(self.ema_sum / size[:, None])
 
     @torch.no_grad()
-    def restart(self, x: Tensor, idx: Tensor, err: Tensor) -> int:
-        """Move codes idle for `restart_after` steps onto batch rows drawn ∝ their squared error
-        (as k-means++ seeds), so they land where the codebook fits worst; returns how many moved."""
-        used = torch.bincount(idx, minlength=self.cfg.m) > 0
-        self.idle_steps += 1
-        self.idle_steps[used] = 0
-        dead = (self.idle_steps >= self.cfg.restart_after).nonzero()[:, 0]
-        if dead.numel() == 0:
+    def restart(self, x: Tensor, err: Tensor) -> int:
+        """Move the longest-unused dead codes (at most one per batch row) onto distinct batch rows drawn ∝
+        their squared error (as k-means++ seeds), so they land where the codebook fits worst; returns how many."""
+        idle = self.since_fired.float()
+        n_dead = int((idle >= self.cfg.restart_after * self.cfg.m).sum())
+        if n_dead == 0:
             return 0
+        dead = idle.topk(min(n_dead, x.shape[0])).indices
         p = err.double().cpu() + 1e-12
-        rows = torch.multinomial(p / p.sum(), dead.numel(), replacement=True, generator=self.generator)
+        rows = torch.multinomial(p / p.sum(), dead.numel(), replacement=False, generator=self.generator)
         rows = rows.to(x.device)
         self.codebook[dead] = x[rows]
         self.ema_sum[dead] = x[rows]
         self.ema_count[dead] = 1.0
-        self.idle_steps[dead] = 0
+        self.since_fired[dead] = 0
         return dead.numel()
