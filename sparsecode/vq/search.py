@@ -1,6 +1,12 @@
-"""Memory-bounded nearest-code search: chunks of codes (and rows), never a [B, K] matrix over budget."""
+"""Memory-bounded nearest-code search: chunks of codes (and rows), never a [B, K] matrix over budget.
+
+On CUDA with Triton installed, `nearest` runs the fused kernel of `kernels/nearest.py` (no distance matrix
+at all); the chunked PyTorch search below is its reference and the fallback everywhere else.
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +24,21 @@ def blocks(n: int, k: int, budget: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def nearest(x: Tensor, codes: Tensor, metric: str = "l2", budget: int = BUDGET) -> Tensor:
+def nearest(x: Tensor, codes: Tensor, metric: str = "l2", budget: int = BUDGET, fused: bool = True) -> Tensor:
     """[B] index of each row's nearest code (L2, or cosine); distance blocks hold ≤ `budget` elements."""
     if metric == "cosine":
         x, codes = F.normalize(x, dim=1), F.normalize(codes, dim=1)
+    if fused and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        from ..kernels import nearest as kernel  # imports Triton only where it can be used
+
+        if kernel.usable(x):
+            return kernel.nearest_fused(x, codes)
+    return nearest_chunked(x, codes, budget)
+
+
+@torch.no_grad()
+def nearest_chunked(x: Tensor, codes: Tensor, budget: int = BUDGET) -> Tensor:
+    """The PyTorch reference of `nearest` (L2): distance blocks of at most `budget` elements."""
     n, k = x.shape[0], codes.shape[0]
     sq = codes.pow(2).sum(1)
     rows, cols = blocks(n, k, budget)
