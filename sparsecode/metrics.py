@@ -82,38 +82,47 @@ def frequency_histogram(counts: Tensor, rows: int, bins: int = 20, low: float = 
 
 
 class CodeStats:
-    """Accumulates FVU, L0 and atom usage over many batches (float64, global mean for the variance)."""
+    """Accumulates FVU, L0 and atom usage over many batches (float64, global mean for the variance).
+
+    The sums stay on the batches' device, so updating never waits for the GPU; `result()` reads them once."""
 
     def __init__(self, m: int):
-        self.counts = torch.zeros(m, dtype=torch.float64)
+        self.m = m
         self.rows = 0
-        self.l0 = 0.0
-        self.sq_err = 0.0
-        self.sum_x: Tensor | None = None
-        self.sum_sq_x = 0.0
+        self.sums: dict[str, Tensor] = {}
 
     @torch.no_grad()
     def update(self, x: Tensor, x_hat: Tensor, code: Code) -> None:
         x64 = x.detach().double()
-        self.sq_err += (x64 - x_hat.detach().double()).pow(2).sum().item()
-        s = x64.sum(0).cpu()
-        self.sum_x = s if self.sum_x is None else self.sum_x + s
-        self.sum_sq_x += x64.pow(2).sum().item()
+        parts = {"sq_err": (x64 - x_hat.detach().double()).pow(2).sum(), "sum_x": x64.sum(0),
+                 "sum_sq_x": x64.pow(2).sum(), "l0": code.l0().sum().double(), "counts": code.counts().double()}
+        for key, value in parts.items():
+            self.sums[key] = value if key not in self.sums else self.sums[key] + value
         self.rows += x.shape[0]
-        self.l0 += code.l0().sum().item()
-        self.counts += code.counts().cpu().double()
+
+    @property
+    def counts(self) -> Tensor:
+        """[m] float64 firing counts of each atom, on the CPU."""
+        return self._read()[4]
+
+    def _read(self) -> tuple[float, Tensor | None, float, float, Tensor]:
+        if not self.sums:
+            return 0.0, None, 0.0, 0.0, torch.zeros(self.m, dtype=torch.float64)
+        s = {k: v.cpu() for k, v in self.sums.items()}
+        return s["sq_err"].item(), s["sum_x"], s["sum_sq_x"].item(), s["l0"].item(), s["counts"]
 
     def result(self) -> dict[str, float]:
         n = max(self.rows, 1)
-        var = self.sum_sq_x - (self.sum_x.pow(2).sum().item() / n if self.sum_x is not None else 0.0)
-        used = self.counts > 0
-        fvu_ = self.sq_err / max(var, 1e-12)
+        sq_err, sum_x, sum_sq_x, l0, counts = self._read()
+        var = sum_sq_x - (sum_x.pow(2).sum().item() / n if sum_x is not None else 0.0)
+        used = counts > 0
+        fvu_ = sq_err / max(var, 1e-12)
         return {
             "fvu": fvu_,
             "explained_variance": 1 - fvu_,
-            "l0": self.l0 / n,
+            "l0": l0 / n,
             "utilisation": used.double().mean().item(),
-            "perplexity": perplexity(self.counts),
-            "dense": (self.counts / n > 0.1).double().mean().item(),
+            "perplexity": perplexity(counts),
+            "dense": (counts / n > 0.1).double().mean().item(),
             "never_fired": (~used).double().mean().item(),
         }

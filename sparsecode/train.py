@@ -46,6 +46,7 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     device: str = "auto"
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (autocast of the forward)
 
     def validate(self) -> None:
         get_method(self.method)
@@ -61,6 +62,8 @@ class TrainConfig:
         check(self.log_every > 0 and self.ckpt_every > 0, "log_every and ckpt_every must be positive")
         check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
               f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        check(self.precision in ("auto", "fp32", "bf16"),
+              f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.source is not None:
             self.source.validate()
 
@@ -113,8 +116,11 @@ class Trainer:
             self.coder: Coder = build(cfg.method, cfg.coder).to(self.device)
         self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "train"))
         self.coder.generator = self.generator
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=bf16)
         params = [p for p in self.coder.parameters() if p.requires_grad]
-        self.opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas) if params else None
+        fused = self.device.type == "cuda" or None  # one kernel over all parameters; CPU keeps the default
+        self.opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, fused=fused) if params else None
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cfg.lr_factor) if self.opt else None
         self.step = 0
 
@@ -143,8 +149,8 @@ class Trainer:
         if self.run.exists() and (self.run / "checkpoints").exists():
             if not resume:
                 raise SparsecodeError(f"run {self.run} already exists; resume it or pick a new --out")
-            saved = ck.read_json(config_path)
-            if {k: v for k, v in saved.items() if k != "steps"} != \
+            saved = to_dict(TrainConfig.from_dict(ck.read_json(config_path)))  # older configs gain defaults
+            if {k: v for k, v in json.loads(json.dumps(saved)).items() if k != "steps"} != \
                {k: v for k, v in json.loads(json.dumps(to_dict(self.cfg))).items() if k != "steps"}:
                 raise SparsecodeError(f"run {self.run} was started with another config; cannot resume it")
             ckpt = ck.latest_checkpoint(self.run)
@@ -180,10 +186,10 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor):
-        out = self.coder(x)
-        loss = sum(out.losses.values())
-        if not torch.isfinite(loss):
-            raise SparsecodeError(f"the loss became {loss.item()} at step {self.step}; lower the lr")
+        """One step (forward, backward, gradient hooks, clipping, optimizer); never waits for the GPU."""
+        with self.autocast:
+            out = self.coder(x)
+            loss = sum(out.losses.values())
         if self.opt is not None and loss.requires_grad:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -209,19 +215,23 @@ class Trainer:
                 out, loss = self.train_step(x)
                 self.step += 1
                 stats.update(x, out.x_hat, out.code)
-                for key, value in {"loss": loss.item(), **{f"loss/{k}": v.item() for k, v in out.losses.items()},
-                                   **out.stats}.items():
+                for key, value in {"loss": loss, **{f"loss/{k}": v for k, v in out.losses.items()},
+                                   **out.stats}.items():  # summed on the device; read when logged
+                    value = value.detach().float() if isinstance(value, torch.Tensor) else value
                     extra[key] = extra.get(key, 0.0) + value
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                log_now, save_now = self.step % cfg.log_every == 0, self.step % cfg.ckpt_every == 0
+                if log_now or save_now or self.step == cfg.steps:
+                    self._check_finite(extra["loss"], since=tokens0 + 1)
+                if log_now or self.step == cfg.steps:
                     n = self.step - tokens0
-                    rec = self._record(stats, {k: v / n for k, v in extra.items()},
+                    rec = self._record(stats, {k: float(v) / n for k, v in extra.items()},
                                        n * cfg.batch_size / (time.perf_counter() - t0))
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                     bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead']:.1%}",
                                     tok_s=f"{rec['tokens_per_s']:.3g}")
                     stats, extra, t0, tokens0 = CodeStats(coder.cfg.m), {}, time.perf_counter(), self.step
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                if save_now or self.step == cfg.steps:
                     self.save()
                 bar.update(1)
                 if on_step is not None:
@@ -229,6 +239,12 @@ class Trainer:
         bar.close()
         coder.eval()
         return coder
+
+    def _check_finite(self, loss_sum: torch.Tensor | float, since: int) -> None:
+        """Raise before anything is logged or saved if a loss since step `since` was NaN or infinite."""
+        if not math.isfinite(float(loss_sum)):
+            where = f"at step {self.step}" if since >= self.step else f"between steps {since} and {self.step}"
+            raise SparsecodeError(f"the loss became {float(loss_sum)} {where}; lower the lr")
 
     def _record(self, stats: CodeStats, means: dict[str, float], tokens_per_s: float) -> dict[str, Any]:
         return {

@@ -14,8 +14,9 @@ from conftest import topk_config, vq_config
 from safetensors.torch import load_file
 
 from sparsecode.checkpoint import latest_checkpoint
-from sparsecode.data.source import SourceConfig, TensorSource
+from sparsecode.data.source import SourceConfig, TensorSource, open_source
 from sparsecode.errors import SparsecodeError
+from sparsecode.metrics import fvu
 from sparsecode.train import TrainConfig, train
 
 
@@ -127,3 +128,25 @@ def test_metrics_log_has_the_promised_fields(tmp_path):
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["method"] == "topk" and cfg["coder"]["d_in"] == 64
     assert TrainConfig.from_dict(cfg).coder == cfg["coder"]
+
+
+def test_diverged_loss_is_one_clear_error_before_anything_is_saved(tmp_path):
+    """Finite rows whose squares overflow fp32 give an infinite loss: the run stops before it checkpoints."""
+    src = TensorSource(torch.randn(4096, 16) * 1e20, seed=0)
+    cfg = TrainConfig(method="topk", coder={"m": 32, "k": 4}, steps=50, batch_size=128, ckpt_every=3,
+                      log_every=10, init_rows=0)
+    with pytest.raises(SparsecodeError, match=r"the loss became (nan|inf) between steps 1 and 3; lower the lr"):
+        train(cfg, tmp_path / "run", source=src)
+    assert latest_checkpoint(tmp_path / "run") is None
+
+
+def test_bf16_autocast_trains_as_well_as_fp32(tmp_path):
+    """precision=bf16 (autocast of the forward; the default on CUDA) reaches the fp32 run's FVU within 5%."""
+    batch = open_source(topk_config().source, "eval").next_batch(4096)
+    fvus = {}
+    for precision in ("fp32", "bf16"):
+        coder = train(topk_config(steps=300, precision=precision), tmp_path / precision)
+        with torch.no_grad():
+            fvus[precision] = float(fvu(batch, coder(batch).x_hat))
+    assert fvus["bf16"] < 1.05 * fvus["fp32"] and fvus["bf16"] != fvus["fp32"], fvus
+    assert fvus["fp32"] < 0.5, fvus
