@@ -190,22 +190,15 @@ def sparsecode_trainer(method: str, coder: dict[str, Any], data: Tensor, batch: 
     return trainer
 
 
-def sc_step(trainer: Trainer, dev: torch.device, amp: bool) -> Callable[[Tensor], Any]:
-    def step(x: Tensor):
-        with autocast(dev, amp):
-            return trainer.train_step(x)
-    return step
-
-
 def sc_topk(d, m, k, x, dev, run, args) -> Contender:
     tr = sparsecode_trainer("topk", {"m": m, "k": k}, x, x.shape[0], dev, run, args.train_opt,
                             steps=10**9, init_rows=x.shape[0])
-    amp = args.sparsecode_autocast
-    return Contender("sparsecode", "sparsecode", sc_step(tr, dev, amp),
+    return Contender("sparsecode", "sparsecode", tr.train_step,
                      lambda: module_state_bytes(tr.coder, [tr.opt]),
                      "Trainer.train_step(x): coder(x) → sum(losses) → backward → after_backward (parallel-grad "
-                     "removal) → clip_grad_norm_(1.0) → Adam.step → LambdaLR.step → after_step (renorm)"
-                     + (" [under bf16 autocast]" if amp and dev.type == "cuda" else ""))
+                     "removal) → clip_grad_norm_(1.0) → Adam.step → LambdaLR.step → after_step (renorm) "
+                     f"[precision {tr.cfg.precision}: bf16 autocast {'on' if tr.bf16 else 'off'}; "
+                     f"{'fused' if tr.device.type == 'cuda' else 'foreach'} Adam]")
 
 
 def saelens_topk(d, m, k, x, dev, args) -> Contender:
@@ -332,10 +325,11 @@ def plain_topk(d, m, k, x, dev, args) -> Contender:
 def sc_vq(dim, K, x, dev, run, args) -> Contender:
     coder = {"m": K, "kmeans_init": False, "restart_after": 0, "decay": 0.99, "beta": 0.25}
     tr = sparsecode_trainer("vq", coder, x, x.shape[0], dev, run, args.train_opt, steps=10**9, init_rows=0)
-    return Contender("sparsecode", "sparsecode", sc_step(tr, dev, args.sparsecode_autocast),
+    return Contender("sparsecode", "sparsecode", tr.train_step,
                      lambda: module_state_bytes(tr.coder, [tr.opt] if tr.opt else []),
-                     "Trainer.train_step(x): VQ.forward (chunked nearest-code search, EMA update, commitment "
-                     "loss; restarts off, kmeans init off) → no backward (EMA codebook has no gradient)")
+                     "Trainer.train_step(x): VQ.forward (nearest-code search: fused Triton kernel on CUDA, chunked "
+                     "on CPU; EMA update, commitment loss; restarts off, kmeans init off) → no backward (EMA "
+                     "codebook has no gradient)")
 
 
 def vqp_vq(dim, K, x, dev, args) -> Contender:
@@ -630,8 +624,6 @@ def main(argv: list[str] | None = None) -> None:
                    help="on CPU, halve a VQ case's rows while a step takes longer (default 2; GPU: never)")
     p.add_argument("--quality-steps", type=int, default=200, help="0 skips the quality check")
     p.add_argument("--quality-batch", type=int, default=None, help="default 256 on CPU, 4096 on GPU")
-    p.add_argument("--sparsecode-autocast", action="store_true",
-                   help="also wrap sparsecode's train_step in bf16 autocast on CUDA (off: the Trainer as users run it)")
     p.add_argument("--train-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="set a TrainConfig field for sparsecode (value parsed as JSON), e.g. a precision option")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -664,7 +656,7 @@ def main(argv: list[str] | None = None) -> None:
             "loadavg": " ".join(f"{v:.1f}" for v in os.getloadavg()),
             "command": " ".join([exe, *sys.argv]), "rounds": args.rounds, "steps": args.steps,
             "warmup": args.warmup, "versions": versions(), "git": git_state(), "autocast_peers": gpu,
-            "sparsecode_autocast": bool(args.sparsecode_autocast and gpu), "train_opt": args.train_opt,
+            "train_opt": args.train_opt,
             "memory": ("torch.cuda.max_memory_allocated() − memory_allocated() before the step" if gpu else
                        "peak RSS (VmHWM after clear_refs) − RSS before the step, after malloc_trim(0)")}
     print(f"{meta['device']}, torch {meta['torch']}, {meta['threads']} threads, load {meta['loadavg']}", flush=True)

@@ -116,8 +116,8 @@ class Trainer:
             self.coder: Coder = build(cfg.method, cfg.coder).to(self.device)
         self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "train"))
         self.coder.generator = self.generator
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=bf16)
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
         params = [p for p in self.coder.parameters() if p.requires_grad]
         fused = self.device.type == "cuda" or None  # one kernel over all parameters; CPU keeps the default
         self.opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, fused=fused) if params else None
