@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint clean bench-data zoo bench-vq bench-latent bench-kv bench-throughput
+.PHONY: demo test test-slow lint clean bench-data zoo bench-vq bench-latent bench-kv bench-throughput bench-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -52,6 +52,10 @@ $(BENCH_STAMP): pyproject.toml constraints.txt
 
 bench-throughput: $(BENCH_STAMP)
 	$(BENCH_PY) bench/throughput.py $(BENCH_ARGS)
+
+# The peers as wheels for the GPU machine: HAVE= its `pip list --format=freeze` (see bench/gpu_wheels.py)
+bench-wheels: $(BENCH_STAMP)
+	$(BENCH_PY) bench/gpu_wheels.py --have $(HAVE) --out .whl
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
