@@ -18,8 +18,16 @@ def test_sum_of_top_k_codes_is_the_decoded_code():
 
 
 def test_learns_sparse_feature_sums_and_reloads():
+    # coefficients in [0.5, 1]: no two rows alike, so no two codes drawn from the rows tie
     source = SourceConfig(kind="synthetic", options={"d": 32, "n_features": 32, "active": 2,
-                                                      "coef_min": 1.0, "coef_max": 1.0})
+                                                      "coef_min": 0.5, "coef_max": 1.0})
     _, before = run("codebook_features", {"m": 512, "k": 2}, source, steps=1, lr=1e-9)
     _, after = run("codebook_features", {"m": 512, "k": 2}, source, steps=200, lr=3e-3)
-    assert after["fvu"] < 0.5 and after["fvu"] < 0.7 * before["fvu"], (before, after)
+    assert after["fvu"] < 0.3 and after["fvu"] < 0.75 * before["fvu"], (before, after)  # measured 0.24 from 0.37
+
+
+def test_codes_start_from_distinct_rows():
+    cf = build("codebook_features", {"d_in": 8, "m": 512, "k": 2})
+    cf.generator = torch.Generator().manual_seed(0)
+    cf.init_from_data(torch.randn(1024, 8))
+    assert torch.unique(cf.codebook.detach(), dim=0).shape[0] == 512

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..code import Code, decode
 from ..coder import Coder, CoderConfig, register
 from ..config import check
+from .kmeans import sample_rows
 from .search import BUDGET, most_similar
 
 
@@ -51,6 +52,5 @@ class CodebookFeatures(Coder):
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
-        n = x.shape[0]
-        idx = torch.randint(n, (self.cfg.m,), generator=self.generator).to(x.device)
-        self.codebook.copy_(x[idx] / self.cfg.k)
+        idx = sample_rows(x.shape[0], self.cfg.m, self.generator)  # distinct rows: duplicate codes would tie
+        self.codebook.copy_(x[idx.to(x.device)] / self.cfg.k)

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..coder import register
 from ..config import check
 from .base import Quantizer, QuantizerConfig, identity_linear
-from .kmeans import kmeans
+from .kmeans import kmeans, sample_rows
 
 
 @dataclass
@@ -50,10 +50,6 @@ class FrozenProjector(Quantizer):
         if cfg.init == "kmeans":
             c = kmeans(x, cfg.m, cfg.kmeans_iters, "l2", self.generator, cfg.search_budget)
         else:
-            n = x.shape[0]
-            idx = torch.randperm(n, generator=self.generator)[: cfg.m]
-            if n < cfg.m:
-                idx = torch.cat([idx, torch.randint(n, (cfg.m - n,), generator=self.generator)])
-            c = x[idx.to(x.device)]
+            c = x[sample_rows(x.shape[0], cfg.m, self.generator).to(x.device)]
         self.frozen.copy_(c)
         self.clear_cache()

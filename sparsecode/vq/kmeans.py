@@ -27,6 +27,14 @@ def seed_plusplus(x: Tensor, k: int, generator: torch.Generator | None = None) -
     return torch.tensor(chosen, device=x.device)
 
 
+def sample_rows(n: int, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """[k] indices of distinct rows out of n (all n, then repeats, when k > n), on the CPU."""
+    idx = torch.randperm(n, generator=generator)[:k]
+    if n < k:
+        idx = torch.cat([idx, torch.randint(n, (k - n,), generator=generator)])
+    return idx
+
+
 @torch.no_grad()
 def kmeans(x: Tensor, k: int, iters: int = 10, metric: str = "l2",
            generator: torch.Generator | None = None, budget: int = BUDGET) -> Tensor:
@@ -34,13 +42,8 @@ def kmeans(x: Tensor, k: int, iters: int = 10, metric: str = "l2",
     n = x.shape[0]
     if metric == "cosine":
         x = F.normalize(x, dim=1)
-    if n <= k:  # too few points: use them all, fill the rest with random rows (restarts sort them out)
-        extra = torch.randint(n, (k - n,), generator=generator).to(x.device)
-        idx = torch.cat([torch.arange(n, device=x.device), extra])
-    elif k <= PLUSPLUS_MAX_K:
-        idx = seed_plusplus(x, k, generator)
-    else:
-        idx = torch.randperm(n, generator=generator)[:k].to(x.device)
+    # k-means++ seeds for small k; else a random sample (too few points: all of them, then repeats)
+    idx = seed_plusplus(x, k, generator) if k <= PLUSPLUS_MAX_K and n > k else sample_rows(n, k, generator).to(x.device)
     centres = x[idx].clone()
     for _ in range(iters):
         assign = nearest(x, centres, metric, budget)
