@@ -41,13 +41,18 @@ def methods(k: int, restart_after: float, kmeans_iters: int) -> dict[str, tuple[
 @torch.no_grad()
 def implicit_usage(coder, source, rows: int, batch: int = 8192) -> dict[str, float]:
     counts = torch.zeros(coder.implicit_size(), dtype=torch.float64)
-    for _ in range(rows // batch):
-        counts += torch.bincount(coder.code_ids(coder.encode(source.next_batch(batch))), minlength=counts.numel())
+    for start in range(0, rows, batch):
+        x = source.next_batch(min(batch, rows - start))
+        counts += torch.bincount(coder.code_ids(coder.encode(x)), minlength=counts.numel())
     return {"utilisation": (counts > 0).double().mean().item(), "perplexity": perplexity(counts)}
 
 
 def measure(name: str, method: str, coder: dict, k: int, args) -> dict:
-    source = SourceConfig(kind="clusters", options={"d": args.d, "n_clusters": args.clusters, "spread": args.spread})
+    if args.store:  # real activations: a store written by `sparsecode harvest` (held-out split: its last 5%)
+        source = SourceConfig(kind="store", path=str(args.store))
+    else:
+        source = SourceConfig(kind="clusters", options={"d": args.d, "n_clusters": args.clusters,
+                                                        "spread": args.spread})
     steps = max(args.min_steps, math.ceil(args.rows_per_code * k / args.batch))
     cfg = TrainConfig(method=method, coder=coder, source=source, steps=steps, batch_size=args.batch,
                       lr=FSQ_LR if method == "fsq" else args.lr, warmup_steps=args.warmup, min_lr_ratio=0.01,
@@ -58,10 +63,11 @@ def measure(name: str, method: str, coder: dict, k: int, args) -> dict:
     rows = args.eval_per_code * k
     result = evaluate(coder_, open_source(source, "eval"), rows=rows)
     if hasattr(coder_, "code_ids") and method != "rvq":
-        result.update(implicit_usage(coder_, open_source(source, "eval"), rows))
+        result.update(implicit_usage(coder_, open_source(source, "eval"), result["rows"]))  # rows evaluate read
     after = [r for r in log if r["step"] > args.warmup]
     second_half = [r for r in log if r["step"] > steps // 2]
-    return {"method": name, "K": k, "utilisation": result["utilisation"], "perplexity": result["perplexity"],
+    return {"method": name, "K": k, "eval_rows": result["rows"], "utilisation": result["utilisation"],
+            "perplexity": result["perplexity"],
             "fvu": result["fvu"],
             "ms_per_step": sum(1000 * args.batch / r["tokens_per_s"] for r in after) / max(len(after), 1),
             "churn": sum(r.get("restarts", 0.0) for r in second_half) / max(len(second_half), 1), "steps": steps}
@@ -83,6 +89,7 @@ def main() -> None:
     p.add_argument("--spread", type=float, default=0.5)
     p.add_argument("--eval-per-code", type=int, default=8, help="held-out rows per code")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--store", type=Path, default=None, help="a harvested store instead of the clustered set")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

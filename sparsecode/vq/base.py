@@ -29,6 +29,14 @@ def identity_linear(d: int) -> nn.Linear:
     return lin
 
 
+@torch.no_grad()
+def covariance_root(xc: Tensor) -> Tensor:
+    """[d, d] symmetric square root of the covariance of centred rows xc (eigenvalues clamped at 0)."""
+    cov = (xc.double().t() @ xc.double()) / max(xc.shape[0] - 1, 1)
+    evals, evecs = torch.linalg.eigh(cov)
+    return ((evecs * evals.clamp_min(0).sqrt()) @ evecs.t()).to(xc.dtype)
+
+
 @dataclass
 class QuantizerConfig(CoderConfig):
     metric: str = "l2"  # l2 | cosine

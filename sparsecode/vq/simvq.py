@@ -4,7 +4,12 @@ E is a frozen random K×d basis (standard normal / √d, drawn at construction),
 linear layer; the codebook loss moves W, hence the whole codebook at once, so codes the data never picks
 still move with the rest. Reading chosen: the layer is a plain `nn.Linear` (with bias, PyTorch's
 default); `init_from_data` (our addition, off with `data_init=False`) sets b to the data mean and W to
-the data's scale times the identity, so the codebook starts as a Gaussian cloud at the data's scale.
+`init_scale` times a square root of the data's covariance: a Gaussian cloud of the data's shape. In high
+dimension random codes at the data's full spread are all farther from a row than the mean is, so the few
+codes nearest the centre take every row: on MiniLM activations (d=384, K=1,024, 300 steps) the full
+spread used 1.5% of the codes and `init_scale=0.3` 34% (0.1: 27%, 0.5: 26%; frozen_projector: 77%).
+On the clustered set (d=8) a tight start hurts instead (K=16,384, 30 steps: 29% at 0.3, ≥ 95% at 1.0),
+so the default stays 1.0.
 """
 
 from __future__ import annotations
@@ -15,12 +20,18 @@ import torch
 from torch import Tensor
 
 from ..coder import register
-from .base import Quantizer, QuantizerConfig, identity_linear
+from ..config import check
+from .base import Quantizer, QuantizerConfig, covariance_root, identity_linear
 
 
 @dataclass
 class SimVQConfig(QuantizerConfig):
-    data_init: bool = True  # start W, b at the data's scale and mean
+    data_init: bool = True  # start W, b at the data's mean and (a fraction of) its covariance
+    init_scale: float = 1.0  # the starting cloud's spread, as a fraction of the data's (0.3 for wide real data)
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.init_scale > 0, f"init_scale must be positive, got {self.init_scale}")
 
 
 @register("simvq")
@@ -42,7 +53,7 @@ class SimVQ(Quantizer):
         if not self.cfg.data_init:
             return
         mean = x.mean(0)
-        scale = (x - mean).pow(2).sum(1).mean().sqrt()  # rms distance to the mean; the basis rows have norm ≈ 1
-        self.proj.weight.copy_(torch.eye(self.cfg.d_in, device=x.device) * scale)
+        root = covariance_root(x - mean) * self.cfg.d_in**0.5  # the basis has covariance I/d
+        self.proj.weight.copy_(root * self.cfg.init_scale)
         self.proj.bias.copy_(mean)
         self.clear_cache()
