@@ -12,6 +12,7 @@ from .diagnose import active_units, neural_collapse
 from .errors import SparsecodeError
 from .metrics import CodeStats, atom_cosines, effective_rank, frequency_histogram, perplexity, recovery
 
+MAX_NC_CODE_ELEMENTS = 1 << 26  # NC on dense codes holds a few float64 copies of [nc_rows, m]; above: skipped
 MAX_COSINE_ATOMS = 8192  # atom-pair cosines cost m²·d: above this, a fixed random subset of atoms
 
 
@@ -66,7 +67,8 @@ def evaluate(coder: Coder, source: ActivationSource, rows: int = 65536, batch_si
             x, labels = labelled(nc_rows)
             x = x.to(next(iter(coder.buffers())).device, torch.float32)
             result["nc_activations"] = neural_collapse(x, labels.to(x.device))
-            result["nc_codes"] = neural_collapse(coder.encode(x).to_dense(), labels.to(x.device))
+            if x.shape[0] * coder.cfg.m <= MAX_NC_CODE_ELEMENTS:  # 4096 rows × 262,144 codes would need ~20 GB
+                result["nc_codes"] = neural_collapse(coder.encode(x).to_dense(), labels.to(x.device))
         posterior = getattr(coder, "posterior", None)
         if posterior is not None:
             x = next(batches(coder, source, min(rows, nc_rows), nc_rows))

@@ -26,3 +26,16 @@ def test_vqbridge_data_init_uses_its_codebook():
     _, zero = run("vqbridge", {"m": 1024, "data_init": False}, SOURCE, steps=60, lr=3e-3, rows=16 * 1024)
     assert bridge["utilisation"] >= 0.9 and bridge["fvu"] < 0.5, bridge
     assert zero["utilisation"] < bridge["utilisation"], (zero, bridge)
+
+
+def test_evaluating_a_huge_codebook_skips_neural_collapse_on_dense_codes():
+    """NC on dense codes would hold [4096, m] float64 copies (20 GB at m = 262,144): it is left out there."""
+    from sparsecode.coder import build
+    from sparsecode.data.source import open_source
+    from sparsecode.evaluate import evaluate
+
+    vq = build("vq", {"d_in": 8, "m": 262144, "kmeans_init": False})
+    result = evaluate(vq, open_source(SOURCE, "eval"), rows=8192)
+    assert "nc_activations" in result and "nc_codes" not in result
+    small = evaluate(build("vq", {"d_in": 8, "m": 256}), open_source(SOURCE, "eval"), rows=8192)
+    assert "nc_codes" in small
