@@ -45,6 +45,12 @@ class Code:
         rows = torch.arange(self.indices.shape[0], device=self.indices.device)[:, None].expand_as(mask)
         return dense.index_put_((rows[mask], self.indices[mask]), self.values[mask], accumulate=True)
 
+    @classmethod
+    def ones(cls, indices: Tensor, size: int, dtype: torch.dtype = torch.float32) -> Code:
+        """Atoms picked with weight 1 (codebooks): indices [B] (one per row) or [B, k]."""
+        indices = indices[:, None] if indices.ndim == 1 else indices
+        return cls(indices, torch.ones(indices.shape, device=indices.device, dtype=dtype), size)
+
     def detach(self) -> Code:
         return Code(self.indices, self.values.detach(), self.size)
 

@@ -13,7 +13,7 @@ from sparsecode.vq.search import nearest, nearest_chunked
 
 CHECK = """
 import json, torch
-from sparsecode.kernels.nearest import nearest_fused, usable
+from sparsecode.kernels.nearest import nearest_fused, triton
 from sparsecode.vq.search import nearest, nearest_chunked
 g = torch.Generator().manual_seed(0)
 out = {}
@@ -23,7 +23,7 @@ for n, k, d in [(130, 300, 40), (5, 1, 3), (64, 129, 33), (200, 1000, 8)]:
 x, c = torch.randn(50, 16, generator=g), torch.randn(70, 16, generator=g)
 cos = (torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(c, dim=1).t()).argmax(1)
 out["cosine through nearest()"] = torch.equal(nearest(x, c, "cosine"), cos)
-out["usable"] = usable(x)
+out["triton"] = triton is not None
 print(json.dumps(out))
 """
 

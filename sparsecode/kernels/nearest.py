@@ -9,8 +9,6 @@ CPU tensors (how the tests check it without a GPU).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -47,12 +45,6 @@ if triton is not None:
             best = tl.where(better, tile_min, best)
             best_idx = tl.where(better, tile_idx, best_idx)
         tl.store(out_ptr + rows, best_idx, row_ok)
-
-
-def usable(x: Tensor) -> bool:
-    """Whether the fused search can run on x: a CUDA tensor (or the Triton interpreter on CPU) and Triton."""
-    on_device = x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-    return on_device and x.shape[0] > 0 and triton is not None
 
 
 @torch.no_grad()

@@ -14,10 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from ..code import Code, decode
-from ..coder import Coder, CoderConfig, Output
+from ..coder import Coder, Output
 from ..config import check
 from ..metrics import fvu
-from .search import BUDGET, nearest
+from .search import SearchConfig, nearest
 
 
 def identity_linear(d: int) -> nn.Linear:
@@ -38,16 +38,16 @@ def covariance_root(xc: Tensor) -> Tensor:
 
 
 @dataclass
-class QuantizerConfig(CoderConfig):
+class QuantizerConfig(SearchConfig):
+    """Nearest-code lookup with a commitment loss: these methods' options and `vq`'s."""
+
     metric: str = "l2"  # l2 | cosine
     beta: float = 0.25  # commitment weight
-    search_budget: int = BUDGET  # most elements in one [rows, codes] distance block
 
     def validate(self) -> None:
         super().validate()
         check(self.metric in ("l2", "cosine"), f"metric must be 'l2' or 'cosine', got {self.metric!r}")
         check(self.beta >= 0, f"beta must be non-negative, got {self.beta}")
-        check(self.search_budget >= 1, f"search_budget must be positive, got {self.search_budget}")
 
 
 class Quantizer(Coder):
@@ -81,7 +81,7 @@ class Quantizer(Coder):
 
     def lookup(self, x: Tensor, codes: Tensor) -> Code:
         idx = nearest(x.detach(), codes.detach(), self.cfg.metric, self.cfg.search_budget)
-        return Code(idx[:, None], torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype), self.cfg.m)
+        return Code.ones(idx, self.cfg.m, x.dtype)
 
     def encode(self, x: Tensor) -> Code:
         self.check_input(x)

@@ -12,21 +12,19 @@ import torch
 from torch import Tensor, nn
 
 from ..code import Code, decode
-from ..coder import Coder, CoderConfig, register
+from ..coder import Coder, register
 from ..config import check
 from .kmeans import sample_rows
-from .search import BUDGET, most_similar
+from .search import SearchConfig, most_similar
 
 
 @dataclass
-class CodebookFeaturesConfig(CoderConfig):
+class CodebookFeaturesConfig(SearchConfig):
     k: int = 8  # codes summed per row
-    search_budget: int = BUDGET
 
     def validate(self) -> None:
         super().validate()
         check(0 < self.k <= self.m, f"k must be in 1..m={self.m}, got k={self.k}")
-        check(self.search_budget >= 1, f"search_budget must be positive, got {self.search_budget}")
 
 
 @register("codebook_features")
@@ -42,7 +40,7 @@ class CodebookFeatures(Coder):
     def encode(self, x: Tensor) -> Code:
         self.check_input(x)
         idx = most_similar(x.detach(), self.codebook.detach(), self.cfg.k, self.cfg.search_budget)
-        return Code(idx, torch.ones(idx.shape, device=x.device, dtype=x.dtype), self.cfg.m)
+        return Code.ones(idx, self.cfg.m, x.dtype)
 
     def decode(self, code: Code) -> Tensor:
         return decode(code, self.codebook)

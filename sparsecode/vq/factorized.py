@@ -16,25 +16,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..code import Code, decode
-from ..coder import Coder, CoderConfig, Output, register
+from ..coder import Coder, Output, register
 from ..config import check
 from ..metrics import fvu
 from .kmeans import kmeans
-from .search import BUDGET, nearest
+from .search import SearchConfig, nearest
 
 
 @dataclass
-class FactorizedConfig(CoderConfig):
+class FactorizedConfig(SearchConfig):
     code_dim: int = 8  # dims of the lookup space
     beta: float = 0.25
     kmeans_init: bool = True  # codes from k-means of the projected data
-    search_budget: int = BUDGET
 
     def validate(self) -> None:
         super().validate()
         check(0 < self.code_dim <= self.d_in, f"code_dim must be in 1..d_in={self.d_in}, got {self.code_dim}")
         check(self.beta >= 0, f"beta must be non-negative, got {self.beta}")
-        check(self.search_budget >= 1, f"search_budget must be positive, got {self.search_budget}")
 
 
 @register("vq_factorized")
@@ -58,7 +56,7 @@ class FactorizedVQ(Coder):
     def encode(self, x: Tensor) -> Code:
         self.check_input(x)
         idx = nearest(self.project(x).detach(), self.unit_codes().detach(), "l2", self.cfg.search_budget)
-        return Code(idx[:, None], torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype), self.cfg.m)
+        return Code.ones(idx, self.cfg.m, x.dtype)
 
     def atoms(self) -> Tensor:
         return self.up(self.unit_codes())  # bias included: each atom is a whole reconstruction

@@ -19,21 +19,20 @@ import torch
 from torch import Tensor, nn
 
 from ..code import Code, decode
-from ..coder import Coder, CoderConfig, Output, register
+from ..coder import Coder, Output, register
 from ..config import check
 from ..errors import SparsecodeError
 from .kmeans import kmeans
-from .search import BUDGET, nearest
+from .search import SearchConfig, nearest
 
 
 @dataclass
-class KVBottleneckConfig(CoderConfig):
+class KVBottleneckConfig(SearchConfig):
     m: int = 4096  # keys in all: heads × keys per head
     heads: int = 8
     head_dim: int = 8  # dims of each head's random projection; 0 = split d_in into `heads` equal parts
     d_value: int = 0  # width of the values; 0 = d_in (reconstruction)
     kmeans_iters: int = 10
-    search_budget: int = BUDGET
 
     def validate(self) -> None:
         super().validate()

@@ -57,8 +57,7 @@ class RVQ(Coder):
             i = q.encode(r).indices[:, 0]
             r = r - q.codebook[i]
             idx.append(i + s * self.K)
-        idx = torch.stack(idx, 1)
-        return Code(idx, torch.ones(idx.shape, device=x.device, dtype=x.dtype), self.cfg.m)
+        return Code.ones(torch.stack(idx, 1), self.cfg.m, x.dtype)
 
     def atoms(self) -> Tensor:
         return torch.cat([q.codebook for q in self.quantizers])
@@ -80,8 +79,7 @@ class RVQ(Coder):
             idx.append(out.code.indices[:, 0] + s * self.K)
             if "codebook" in out.losses:
                 losses[f"codebook{s}"] = out.losses["codebook"]
-        idx = torch.stack(idx, 1)
-        code = Code(idx, torch.ones(idx.shape, device=x.device, dtype=x.dtype), self.cfg.m)
+        code = Code.ones(torch.stack(idx, 1), self.cfg.m, x.dtype)
         q_sum = x.detach() - r
         losses["commit"] = self.cfg.beta * fvu(x, q_sum.detach())
         if self.training:

@@ -7,14 +7,29 @@ at all); the chunked PyTorch search below is its reference and the fallback ever
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..coder import CoderConfig
+from ..config import check
+
 # Default block size in elements (4 MiB of fp32): blocks that stay in cache run 1.3-2.5x faster on CPU
 # than 64 MiB ones (bench: K=65,536, B=1024, d=8 and 256), and they cap the search's extra memory.
 BUDGET = 1 << 20
+
+
+@dataclass
+class SearchConfig(CoderConfig):
+    """The options of every method that searches its codebook."""
+
+    search_budget: int = BUDGET  # most elements in one [rows, codes] distance block
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.search_budget >= 1, f"search_budget must be positive, got {self.search_budget}")
 
 
 def blocks(n: int, k: int, budget: int) -> tuple[int, int]:
@@ -28,10 +43,10 @@ def nearest(x: Tensor, codes: Tensor, metric: str = "l2", budget: int = BUDGET, 
     """[B] index of each row's nearest code (L2, or cosine); distance blocks hold ≤ `budget` elements."""
     if metric == "cosine":
         x, codes = F.normalize(x, dim=1), F.normalize(codes, dim=1)
-    if fused and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        from ..kernels import nearest as kernel  # imports Triton only where it can be used
+    if fused and x.shape[0] > 0 and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        from ..kernels import nearest as kernel  # imports Triton only where it can run
 
-        if kernel.usable(x):
+        if kernel.triton is not None:
             return kernel.nearest_fused(x, codes)
     return nearest_chunked(x, codes, budget)
 

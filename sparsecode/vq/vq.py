@@ -18,34 +18,29 @@ import torch
 from torch import Tensor, nn
 
 from ..code import Code, decode
-from ..coder import Coder, CoderConfig, Output, register
+from ..coder import Coder, Output, register
 from ..config import check
 from ..metrics import fvu
+from .base import QuantizerConfig
 from .kmeans import kmeans
-from .search import BUDGET, nearest
+from .search import nearest
 
 
 @dataclass
-class VQConfig(CoderConfig):
-    metric: str = "l2"  # l2 | cosine
+class VQConfig(QuantizerConfig):
     ema: bool = True  # EMA codebook updates; False trains the codebook by the codebook loss
     decay: float = 0.99
     eps: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
-    beta: float = 0.25  # commitment weight
     kmeans_init: bool = True
     kmeans_iters: int = 10
     restart_after: float = 8.0  # restart a code unused for restart_after·m rows (expected hits); 0 = never
-    search_budget: int = BUDGET  # most elements in one [rows, codes] distance block
 
     def validate(self) -> None:
         super().validate()
-        check(self.metric in ("l2", "cosine"), f"metric must be 'l2' or 'cosine', got {self.metric!r}")
         check(0 < self.decay < 1, f"decay must be in (0, 1), got {self.decay}")
         check(self.eps > 0, f"eps must be positive, got {self.eps}")
-        check(self.beta >= 0, f"beta must be non-negative, got {self.beta}")
         check(self.kmeans_iters >= 0, f"kmeans_iters must be non-negative, got {self.kmeans_iters}")
         check(self.restart_after >= 0, f"restart_after must be non-negative, got {self.restart_after}")
-        check(self.search_budget >= 1, f"search_budget must be positive, got {self.search_budget}")
 
 
 @register("vq")
@@ -63,7 +58,7 @@ class VQ(Coder):
     def encode(self, x: Tensor) -> Code:
         self.check_input(x)
         idx = nearest(x.detach(), self.codebook.detach(), self.cfg.metric, self.cfg.search_budget)
-        return Code(idx[:, None], torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype), self.cfg.m)
+        return Code.ones(idx, self.cfg.m, x.dtype)
 
     def decode(self, code: Code) -> Tensor:
         return decode(code, self.codebook)
