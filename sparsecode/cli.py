@@ -75,7 +75,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                 coder[key] = parse_value(cls.config_class, key, str(getattr(a, key)))
         cfg = TrainConfig(method=a.method, coder=coder, source=source_config(a.source, a.source_opt, a.seed),
                           seed=a.seed)
-        for key in ("steps", "batch_size", "lr", "log_every", "ckpt_every", "device", "warmup_steps"):
+        for key in ("steps", "batch_size", "lr", "log_every", "ckpt_every", "device", "precision", "warmup_steps"):
             if getattr(a, key) is not None:
                 setattr(cfg, key, getattr(a, key))
     train(cfg, out, resume=a.resume, progress=not a.no_progress)
@@ -263,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=int)
     t.add_argument("--ckpt-every", type=int)
     t.add_argument("--device", help="auto | cpu | cuda[:N]")
+    t.add_argument("--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--no-progress", action="store_true")

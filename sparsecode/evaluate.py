@@ -53,12 +53,12 @@ def evaluate(coder: Coder, source: ActivationSource, rows: int = 65536, batch_si
         result.update(implicit_codes=implicit(), implicit_used=int(counts.numel()),
                       implicit_utilisation=counts.numel() / implicit(), implicit_perplexity=perplexity(counts))
     if details:
-        atoms = coder.atoms().detach().float().cpu()
-        result["effective_rank_used_atoms"] = effective_rank(atoms[stats.counts > 0])
+        atoms, counts = coder.atoms().detach().float().cpu(), stats.counts
+        result["effective_rank_used_atoms"] = effective_rank(atoms[counts > 0])
         if atoms.shape[0] > MAX_COSINE_ATOMS:
             atoms = atoms[torch.randperm(atoms.shape[0], generator=torch.Generator().manual_seed(0))[:MAX_COSINE_ATOMS]]
         result.update(atom_cosines(atoms))
-        result["frequency_histogram"] = frequency_histogram(stats.counts, stats.rows)
+        result["frequency_histogram"] = frequency_histogram(counts, stats.rows)
         truth = getattr(source, "truth", None)
         if truth is not None:
             result.update(recovery(coder.atoms().cpu(), truth))

@@ -149,14 +149,16 @@ class Trainer:
         if self.run.exists() and (self.run / "checkpoints").exists():
             if not resume:
                 raise SparsecodeError(f"run {self.run} already exists; resume it or pick a new --out")
-            saved = to_dict(TrainConfig.from_dict(ck.read_json(config_path)))  # older configs gain defaults
-            if {k: v for k, v in json.loads(json.dumps(saved)).items() if k != "steps"} != \
-               {k: v for k, v in json.loads(json.dumps(to_dict(self.cfg))).items() if k != "steps"}:
+            def comparable(c: TrainConfig) -> dict[str, Any]:  # as saved (JSON types), steps aside
+                return {k: v for k, v in json.loads(json.dumps(to_dict(c))).items() if k != "steps"}
+
+            saved = TrainConfig.from_dict(ck.read_json(config_path))  # older configs gain the defaults
+            if comparable(saved) != comparable(self.cfg):
                 raise SparsecodeError(f"run {self.run} was started with another config; cannot resume it")
             ckpt = ck.latest_checkpoint(self.run)
             if ckpt is not None:
+                self.step, state = ck.load_state(ckpt)  # verifies every file's sha256 first
                 ck.load_weights(self.coder, ckpt)
-                self.step, state = ck.load_state(ckpt)
                 self.load_state_dict(state)
                 self._truncate_log()
                 return
