@@ -20,7 +20,6 @@ import torch
 
 from sparsecode.data.source import SourceConfig, open_source
 from sparsecode.evaluate import evaluate
-from sparsecode.metrics import perplexity
 from sparsecode.train import TrainConfig, train
 
 FSQ_LR = 3e-2  # fsq is two small linear maps: at 3e-3 it has not left its random start in 300 steps (FVU 0.64)
@@ -38,15 +37,6 @@ def methods(k: int, restart_after: float, kmeans_iters: int) -> dict[str, tuple[
     }
 
 
-@torch.no_grad()
-def implicit_usage(coder, source, rows: int, batch: int = 8192) -> dict[str, float]:
-    counts = torch.zeros(coder.implicit_size(), dtype=torch.float64)
-    for start in range(0, rows, batch):
-        x = source.next_batch(min(batch, rows - start))
-        counts += torch.bincount(coder.code_ids(coder.encode(x)), minlength=counts.numel())
-    return {"utilisation": (counts > 0).double().mean().item(), "perplexity": perplexity(counts)}
-
-
 def measure(name: str, method: str, coder: dict, k: int, args) -> dict:
     if args.store:  # real activations: a store written by `sparsecode harvest` (held-out split: its last 5%)
         source = SourceConfig(kind="store", path=str(args.store))
@@ -62,13 +52,12 @@ def measure(name: str, method: str, coder: dict, k: int, args) -> dict:
         log = [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
     rows = args.eval_per_code * k
     result = evaluate(coder_, open_source(source, "eval"), rows=rows)
-    if hasattr(coder_, "code_ids") and method != "rvq":
-        result.update(implicit_usage(coder_, open_source(source, "eval"), result["rows"]))  # rows evaluate read
+    if "implicit_utilisation" in result:  # fsq: usage of its implicit codes, counted by evaluate
+        result.update(utilisation=result["implicit_utilisation"], perplexity=result["implicit_perplexity"])
     after = [r for r in log if r["step"] > args.warmup]
     second_half = [r for r in log if r["step"] > steps // 2]
     return {"method": name, "K": k, "eval_rows": result["rows"], "utilisation": result["utilisation"],
-            "perplexity": result["perplexity"],
-            "fvu": result["fvu"],
+            "perplexity": result["perplexity"], "fvu": result["fvu"],
             "ms_per_step": sum(1000 * args.batch / r["tokens_per_s"] for r in after) / max(len(after), 1),
             "churn": sum(r.get("restarts", 0.0) for r in second_half) / max(len(second_half), 1), "steps": steps}
 
