@@ -7,11 +7,9 @@ for the optimizer, schedule, RNG and data position). `checkpoints/LATEST` names 
 
 from __future__ import annotations
 
-import hashlib
-import json
+import errno
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,55 +20,9 @@ from torch import Tensor
 
 from .coder import Coder, build
 from .errors import SparsecodeError
+from .files import atomic_write, atomic_write_json, failpoint, make_temp, read_json, sha256, verify_files
 
 MODEL, STATE, STATE_JSON, CONFIG = "model.safetensors", "state.safetensors", "state.json", "config.json"
-
-
-# --- atomic files -------------------------------------------------------------------------------
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def verify_files(root: Path, digests: dict[str, str], what: str) -> None:
-    """Check each file under `root` against its sha256; a missing or corrupt one is named in the error."""
-    for name, digest in digests.items():
-        f = Path(root) / name
-        if not f.is_file():
-            raise SparsecodeError(f"{what} missing: {f}")
-        if sha256(f) != digest:
-            raise SparsecodeError(f"{what} is corrupt or truncated (sha256 mismatch): {f}")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise SparsecodeError(f"missing file: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SparsecodeError(f"corrupt JSON in {path}: {e}") from None
 
 
 # --- nested state <-> (tensors, JSON) ------------------------------------------------------------
@@ -106,16 +58,17 @@ def save_checkpoint(run: Path, step: int, coder: Coder, state: dict[str, Any], k
     root = Path(run) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(run, step)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = make_temp(root, final.name, directory=True)
     try:
         model = {k: v.detach().cpu().contiguous() for k, v in coder.state_dict().items()}
-        save_file(model, tmp / MODEL, metadata={"method": coder.name, "step": str(step)})
+        _save_tensors(model, tmp / MODEL, metadata={"method": coder.name, "step": str(step)})
         tensors: dict[str, Tensor] = {}
         skeleton = pack(state, tensors)
-        save_file(tensors, tmp / STATE)
+        _save_tensors(tensors, tmp / STATE)
         atomic_write_json(tmp / CONFIG, {"method": coder.name, "coder": coder.config_dict()})
         files = {name: sha256(tmp / name) for name in (MODEL, STATE, CONFIG)}
         atomic_write_json(tmp / STATE_JSON, {"step": step, "sha256": files, "state": skeleton})
+        failpoint("checkpoint-written")
         if final.exists():  # a resumed run reached this step again: replace the old copy
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -127,6 +80,16 @@ def save_checkpoint(run: Path, step: int, coder: Coder, state: dict[str, Any], k
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, its I/O failures (a full disk) raised as the OSError they are."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        full = "No space left on device" in str(e)
+        raise OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC) if full else str(e),
+                      str(path)) from None
 
 
 def latest_checkpoint(run: Path) -> Path | None:

@@ -27,16 +27,16 @@ def _pairs(items: list[str] | None, what: str) -> list[tuple[str, str]]:
 
 
 def source_config(spec: str, options: list[str] | None, seed: int):
-    """`synthetic`, `clusters`, `model` (on the fly), a store folder or a .npy file; `key=value` options."""
+    """A named source kind (`synthetic`, `clusters`, `hierarchical`, `model`...), a store folder or a .npy
+    file; `key=value` options."""
     from .config import parse_value
-    from .data.source import SourceConfig
-    from .data.store import MANIFEST, StoreOptions
-    from .data.stream import StreamConfig
-    from .data.synthetic import ClustersConfig, SparseFeaturesConfig
+    from .data.source import SourceConfig, source_kinds
+    from .data.store import MANIFEST
 
+    kinds = source_kinds()
+    named = [k for k, v in kinds.items() if not v.reads_path]
     path = Path(spec)
-    kinds = {"synthetic": SparseFeaturesConfig, "clusters": ClustersConfig, "model": StreamConfig}
-    if spec in kinds:
+    if spec in named:
         kind, where = spec, None
     elif path.suffix == ".npy":
         if not path.is_file():
@@ -47,9 +47,9 @@ def source_config(spec: str, options: list[str] | None, seed: int):
     elif path.exists():
         raise SparsecodeError(f"{path} is neither a .npy file nor an activation store ({MANIFEST} missing)")
     else:
-        raise SparsecodeError(f"--source must be synthetic, clusters, model, a store folder or a .npy file; "
+        raise SparsecodeError(f"--source must be {', '.join(named)}, a store folder or a .npy file; "
                               f"{spec!r} is none of these")
-    cls = kinds.get(kind, StoreOptions if kind == "store" else None)
+    cls = kinds[kind].options
     pairs = _pairs(options, "--source-opt")
     if pairs and cls is None:
         raise SparsecodeError(f"--source-opt does not apply to {kind} sources")
@@ -57,27 +57,53 @@ def source_config(spec: str, options: list[str] | None, seed: int):
     return SourceConfig(kind=kind, path=where, options=opts, seed=seed)
 
 
-def cmd_train(a: argparse.Namespace) -> int:
+TRAINING_FLAGS = ("steps", "batch_size", "lr", "log_every", "ckpt_every", "device", "precision", "warmup_steps",
+                  "deterministic")
+
+
+def requested_config(a: argparse.Namespace, base=None):
+    """The TrainConfig the flags ask for: over `base` (a run being resumed) only the flags given apply."""
     from .coder import get_method
     from .config import parse_value
-    from .train import TrainConfig, load_config, train
+    from .train import TrainConfig
+
+    method = a.method or (base.method if base else "topk")
+    cls = get_method(method)
+    coder: dict[str, Any] = dict(base.coder) if base and method == base.method else {}
+    coder.update({k: parse_value(cls.config_class, k, v) for k, v in _pairs(a.set, "--set")})
+    for key in ("m", "k"):
+        if getattr(a, key) is not None:
+            coder[key] = parse_value(cls.config_class, key, str(getattr(a, key)))
+    seed = a.seed if a.seed is not None else base.seed if base else 0
+    if a.source is not None or a.source_opt or base is None:
+        source = source_config(a.source or "synthetic", a.source_opt, seed)
+    else:
+        source = base.source
+    cfg = TrainConfig(**{**(vars(base) if base else {}), "method": method, "coder": coder, "source": source,
+                         "seed": seed})
+    for key in TRAINING_FLAGS:
+        if getattr(a, key) is not None:
+            setattr(cfg, key, getattr(a, key))
+    return cfg
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .files import check_folder
+    from .train import CONFIG, differing_fields, load_config, train
 
     out = Path(a.out)
-    if a.resume:
-        cfg = load_config(out)
-        if a.steps is not None:
-            cfg.steps = a.steps
-    else:
-        cls = get_method(a.method)
-        coder: dict[str, Any] = {k: parse_value(cls.config_class, k, v) for k, v in _pairs(a.set, "--set")}
-        for key in ("m", "k"):
-            if getattr(a, key) is not None:
-                coder[key] = parse_value(cls.config_class, key, str(getattr(a, key)))
-        cfg = TrainConfig(method=a.method, coder=coder, source=source_config(a.source, a.source_opt, a.seed),
-                          seed=a.seed)
-        for key in ("steps", "batch_size", "lr", "log_every", "ckpt_every", "device", "precision", "warmup_steps"):
-            if getattr(a, key) is not None:
-                setattr(cfg, key, getattr(a, key))
+    check_folder(out, "run folder")
+    if a.resume and not out.is_dir():
+        raise SparsecodeError(f"run directory not found: {out}")
+    if a.resume and (out / CONFIG).is_file():
+        saved = load_config(out)
+        cfg = requested_config(a, saved)
+        differ = differing_fields(saved, cfg, ignore=("steps",))
+        if differ:
+            raise SparsecodeError(f"--resume: the flags contradict the run's config ({', '.join(differ)}); "
+                                  f"drop them to resume, or train into a new --out")
+    else:  # a new run, or one whose writer died before saving its config: start it from the flags
+        cfg = requested_config(a)
     train(cfg, out, resume=a.resume, progress=not a.no_progress)
     print(format_metrics(last_metrics(out)))
     print(f"run written to {out}")
@@ -85,9 +111,11 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def last_metrics(run: Path) -> dict[str, Any]:
+    from .files import read_jsonl
+
     log = Path(run) / "metrics.jsonl"
-    lines = log.read_text().splitlines() if log.exists() else []
-    return json.loads(lines[-1]) if lines else {}
+    records = read_jsonl(log) if log.exists() else []
+    return records[-1] if records else {}
 
 
 def format_metrics(m: dict[str, Any]) -> str:
@@ -248,9 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train a method on an activation source")
-    t.add_argument("--method", default="topk", help="a registered method (see `sparsecode methods`)")
-    t.add_argument("--source", default="synthetic",
-                   help="synthetic | clusters | model (on the fly) | a store folder | path/to/acts.npy")
+    t.add_argument("--method", help="a registered method (see `sparsecode methods`; default topk)")
+    t.add_argument("--source", help="synthetic (default) | clusters | hierarchical | model (on the fly) | "
+                                     "a store folder | path/to/acts.npy")
     t.add_argument("--source-opt", action="append", metavar="KEY=VALUE", help="an option of the source")
     t.add_argument("-m", type=int, help="dictionary / codebook size")
     t.add_argument("-k", type=int, help="active atoms per token (sparse methods)")
@@ -259,11 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
     t.add_argument("--warmup-steps", type=int)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, help="default 0")
     t.add_argument("--log-every", type=int)
     t.add_argument("--ckpt-every", type=int)
     t.add_argument("--device", help="auto | cpu | cuda[:N]")
     t.add_argument("--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
+    t.add_argument("--deterministic", action="store_const", const=True,
+                   help="deterministic kernels: bit-exact resume on CUDA too (slower); CPU runs always are")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--no-progress", action="store_true")
@@ -314,15 +344,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RESUME_HINT = {"train": "the run resumes from its last checkpoint with the same command and --resume",
+               "harvest": "run the same harvest command again to resume it",
+               "demo": "run it again: the harvest resumes and the run starts afresh"}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for a failed file operation: what failed and on which path."""
+    what = e.strerror or str(e) or type(e).__name__
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"{what}: {where}" if where else what
+
+
 def main(argv: list[str] | None = None) -> int:
+    command = None
     try:
         args = build_parser().parse_args(argv)
+        command = args.command
         return args.fn(args)
     except SparsecodeError as e:
         print(f"sparsecode: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only folder, a full disk, a path that is a file...: nothing half-written
+        print(f"sparsecode: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("sparsecode: interrupted (a run resumes from its last checkpoint with --resume)", file=sys.stderr)
+        hint = RESUME_HINT.get(command)
+        print(f"sparsecode: interrupted{f' ({hint})' if hint else ''}", file=sys.stderr)
         return 130
 
 

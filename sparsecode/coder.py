@@ -90,6 +90,11 @@ class Coder(nn.Module):
     def after_step(self) -> None:
         """Restore constraints after the optimizer step."""
 
+    def make_optimizer(self, params: list[nn.Parameter], lr: float, betas: tuple[float, float],
+                       fused: bool | None) -> torch.optim.Optimizer:
+        """The optimizer the trainer uses for this method: Adam unless a method needs another."""
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused)
+
     # --- shared helpers -------------------------------------------------------------------------
     def check_input(self, x: Tensor) -> None:
         if x.ndim != 2 or x.shape[1] != self.cfg.d_in:

@@ -15,12 +15,19 @@ T = TypeVar("T")
 
 def from_dict(cls: type[T], data: dict[str, Any], what: str) -> T:
     """Build dataclass `cls` from `data`, naming any unknown key and the closest known one."""
+    if not isinstance(data, dict):
+        raise SparsecodeError(f"{what} config must be a JSON object of options, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    data = dict(data)
     for key in data:
         if key not in names:
             near = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else f"; known: {', '.join(sorted(names))}"
             raise SparsecodeError(f"unknown {what} option {key!r}{hint}")
+        ok, data[key] = _conform(data[key], hints[key])
+        if not ok:
+            raise SparsecodeError(f"{what} option {key!r} must be {_type_name(hints[key])}, got {data[key]!r}")
     try:
         obj = cls(**data)
     except TypeError as e:  # a required field is missing
@@ -29,6 +36,49 @@ def from_dict(cls: type[T], data: dict[str, Any], what: str) -> T:
     if validate is not None:
         validate()
     return obj
+
+
+def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(whether `value` fits type `hint`, the value with integral floats made ints and lists made tuples)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True, value
+    if isinstance(hint, types.UnionType) or origin is typing.Union:
+        for option in args:
+            ok, out = _conform(value, option)
+            if ok:
+                return True, out
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        items = args[:1] * len(value) if origin is list or (len(args) == 2 and args[1] is Ellipsis) else args
+        if len(items) != len(value):
+            return False, value
+        parts = [_conform(v, t) for v, t in zip(value, items, strict=True)]
+        out = [v for _, v in parts]
+        return all(ok for ok, _ in parts), tuple(out) if origin is tuple else out
+    if origin is dict or hint is dict:
+        return isinstance(value, dict), value
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint), value
+    return True, value
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "") if not isinstance(hint, type) else hint.__name__
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write, read_json
 from .errors import SparsecodeError
+from .files import atomic_write, read_json, read_jsonl
 
 
 def _plt():
@@ -33,10 +33,7 @@ def read_log(run: Path) -> list[dict[str, Any]]:
     log = Path(run) / "metrics.jsonl"
     if not log.is_file():
         raise SparsecodeError(f"{run} has no metrics.jsonl; is it a run folder?")
-    try:
-        return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise SparsecodeError(f"corrupt line in {log}: {e}") from None
+    return read_jsonl(log)
 
 
 def curves_plot(log: list[dict[str, Any]]) -> bytes:
@@ -101,6 +98,10 @@ def write_report(run: Path, result: dict[str, Any], out: Path | None = None) -> 
 
     run = Path(run)
     cfg = read_json(run / "config.json")
+    keys = ("method", "coder", "source", "steps", "batch_size")
+    missing = [k for k in keys if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise SparsecodeError(f"{run / 'config.json'} is not a run config (no {', '.join(missing)})")
     log = read_log(run)
     out = Path(out) if out else run / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -121,9 +122,10 @@ def write_report(run: Path, result: dict[str, Any], out: Path | None = None) -> 
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;margin:1em 0}}
 th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left}}figure{{display:inline-block;margin:.5em}}
 img{{max-width:100%}}code{{background:#f4f4f4}}</style></head><body>
-<h1>{html.escape(run.name)}: {html.escape(cfg["method"])}</h1>
+<h1>{html.escape(run.name)}: {html.escape(str(cfg["method"]))}</h1>
 <p>coder <code>{html.escape(json.dumps(cfg["coder"]))}</code>;
-source <code>{html.escape(json.dumps(cfg["source"]))}</code>; {cfg["steps"]} steps of {cfg["batch_size"]}</p>
+source <code>{html.escape(json.dumps(cfg["source"]))}</code>; {html.escape(str(cfg["steps"]))} steps of
+{html.escape(str(cfg["batch_size"]))}</p>
 <h2>held-out evaluation</h2>{_table(main)}{sections}
 <h2>plots</h2>{imgs}
 </body></html>

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,11 @@ from .coder import Coder, build, get_method
 from .config import check, derive_seed, from_dict, to_dict
 from .data.source import ActivationSource, SourceConfig, open_source
 from .errors import SparsecodeError
+from .files import failpoint, read_jsonl, sweep_temps, writing
 from .metrics import CodeStats
+
+CONFIG = "config.json"
+RUN_FILES = {CONFIG, "metrics.jsonl", "checkpoints", ".lock", "eval.json", "report"}
 
 
 @dataclass
@@ -47,6 +54,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str = "auto"
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (autocast of the forward)
+    deterministic: bool = False  # deterministic kernels (CUDA resume bit-exact; slower); CPU runs always are
 
     def validate(self) -> None:
         get_method(self.method)
@@ -69,11 +77,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = dict(data)
-        if isinstance(data.get("source"), dict):
-            data["source"] = from_dict(SourceConfig, data["source"], "source")
-        if isinstance(data.get("betas"), list):
-            data["betas"] = tuple(data["betas"])
+        if isinstance(data, dict) and isinstance(data.get("source"), dict):
+            data = {**data, "source": from_dict(SourceConfig, data["source"], "source")}
         return from_dict(cls, data, "train")
 
     def lr_factor(self, step: int) -> float:
@@ -120,7 +125,7 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
         params = [p for p in self.coder.parameters() if p.requires_grad]
         fused = self.device.type == "cuda" or None  # one kernel over all parameters; CPU keeps the default
-        self.opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, fused=fused) if params else None
+        self.opt = self.coder.make_optimizer(params, cfg.lr, cfg.betas, fused) if params else None
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cfg.lr_factor) if self.opt else None
         self.step = 0
 
@@ -144,38 +149,50 @@ class Trainer:
         return ck.save_checkpoint(self.run, self.step, self.coder, self.state_dict(), self.cfg.keep_checkpoints)
 
     def start(self, resume: bool = False) -> None:
-        """Create the run folder (or reopen it to resume), then initialise from data."""
-        config_path = self.run / "config.json"
-        if self.run.exists() and (self.run / "checkpoints").exists():
-            if not resume:
-                raise SparsecodeError(f"run {self.run} already exists; resume it or pick a new --out")
-            def comparable(c: TrainConfig) -> dict[str, Any]:  # as saved (JSON types), steps aside
-                return {k: v for k, v in json.loads(json.dumps(to_dict(c))).items() if k != "steps"}
+        """Reopen the run to resume from its last checkpoint, or start it afresh, then initialise from data.
 
-            saved = TrainConfig.from_dict(ck.read_json(config_path))  # older configs gain the defaults
-            if comparable(saved) != comparable(self.cfg):
-                raise SparsecodeError(f"run {self.run} was started with another config; cannot resume it")
-            ckpt = ck.latest_checkpoint(self.run)
-            if ckpt is not None:
-                self.step, state = ck.load_state(ckpt)  # verifies every file's sha256 first
-                ck.load_weights(self.coder, ckpt)
-                self.load_state_dict(state)
-                self._truncate_log()
-                return
-        self.run.mkdir(parents=True, exist_ok=True)
-        ck.atomic_write_json(config_path, to_dict(self.cfg))
-        (self.run / "metrics.jsonl").unlink(missing_ok=True)
+        A folder whose writer died before the first checkpoint holds nothing to resume: it starts afresh.
+        """
+        run = self.run
+        ckpt = ck.latest_checkpoint(run) if run.is_dir() else None
+        if ckpt is not None:
+            if not resume:
+                raise SparsecodeError(f"run {run} already exists; resume it (--resume) or pick a new --out")
+            saved = load_config(run)  # older configs gain the defaults
+            differ = differing_fields(saved, self.cfg, ignore=("steps",))
+            if differ:
+                raise SparsecodeError(f"run {run} was started with another config ({', '.join(differ)} differ); "
+                                      f"cannot resume it")
+            sweep_temps(run / "checkpoints")
+            sweep_temps(run)
+            if saved.steps != self.cfg.steps:  # extending (or shortening) the run survives a later kill
+                ck.atomic_write_json(run / CONFIG, to_dict(self.cfg))
+            self.step, state = ck.load_state(ckpt)  # verifies every file's sha256 first
+            ck.load_weights(self.coder, ckpt)
+            self.load_state_dict(state)
+            self._truncate_log()
+            return
+        foreign = [p.name for p in run.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp")] \
+            if run.is_dir() else []
+        if foreign:
+            raise SparsecodeError(f"{run} exists and is not a sparsecode run (it holds {', '.join(sorted(foreign)[:3])}"
+                                  f"); pick a new --out")
+        run.mkdir(parents=True, exist_ok=True)
+        sweep_temps(run)
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # no LATEST: nothing in it is complete
+        (run / "metrics.jsonl").unlink(missing_ok=True)
+        ck.atomic_write_json(run / CONFIG, to_dict(self.cfg))
+        failpoint("config-written")
         if self.cfg.init_rows:
             sample = self._batch(self.cfg.init_rows)
             self.coder.init_from_data(sample)
 
     def _truncate_log(self) -> None:
-        """Drop log lines written after the checkpoint we resume from."""
+        """Drop log lines written after the checkpoint we resume from (and a line torn by a kill)."""
         log = self.run / "metrics.jsonl"
         if log.exists():
-            lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
-            keep = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
-            ck.atomic_write(log, "".join(ln + "\n" for ln in keep).encode())
+            keep = [rec for rec in read_jsonl(log) if rec["step"] <= self.step]
+            ck.atomic_write(log, "".join(json.dumps(rec) + "\n" for rec in keep).encode())
 
     def _batch(self, n: int) -> torch.Tensor:
         x = self.source.next_batch(n)
@@ -206,6 +223,10 @@ class Trainer:
 
     def fit(self, on_step: Callable[[int], None] | None = None) -> Coder:
         """Train until cfg.steps, logging and checkpointing; `on_step(step)` runs after each step."""
+        with deterministic_kernels(self.cfg.deterministic):
+            return self._fit(on_step)
+
+    def _fit(self, on_step: Callable[[int], None] | None) -> Coder:
         cfg, coder = self.cfg, self.coder
         coder.train()
         stats, extra, t0, tokens0 = CodeStats(coder.cfg.m), {}, time.perf_counter(), self.step
@@ -260,17 +281,52 @@ class Trainer:
         }
 
 
+@contextmanager
+def deterministic_kernels(on: bool) -> Iterator[None]:
+    """Deterministic algorithms (and cuBLAS workspace) while training, restored afterwards."""
+    if not on:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable matmuls
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def train(cfg: TrainConfig, run: Path, source: ActivationSource | None = None, resume: bool = False,
           progress: bool = False, on_step: Callable[[int], None] | None = None) -> Coder:
-    """Train `cfg` into folder `run` (resuming it if asked) and return the trained method."""
-    trainer = Trainer(cfg, run, source, progress)
-    trainer.start(resume)
-    return trainer.fit(on_step)
+    """Train `cfg` into folder `run` (resuming it if asked) and return the trained method.
+
+    The run folder is locked for this writer; one this call created is removed again if training stops
+    before its first checkpoint."""
+    trainer = Trainer(cfg, run, source, progress)  # the config and the source are checked before any write
+    with writing(run, "run", keep=lambda: (Path(run) / "checkpoints" / "LATEST").is_file()):
+        trainer.start(resume)
+        return trainer.fit(on_step)
 
 
 def load_config(run: Path) -> TrainConfig:
-    if not Path(run).is_dir():
+    run = Path(run)
+    if not run.is_dir():
         raise SparsecodeError(f"run directory not found: {run}")
-    return TrainConfig.from_dict(ck.read_json(Path(run) / "config.json"))
+    try:
+        return TrainConfig.from_dict(ck.read_json(run / CONFIG))
+    except SparsecodeError as e:
+        raise SparsecodeError(f"{run / CONFIG}: {e}") from None
 
 
+def differing_fields(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Names of the options (as saved in JSON; coder options as coder.NAME) where two configs differ."""
+    da, db = (json.loads(json.dumps(to_dict(c))) for c in (a, b))
+    out = []
+    for key in da:
+        if key in ignore or da[key] == db[key]:
+            continue
+        if isinstance(da[key], dict) and isinstance(db[key], dict):
+            out += [f"{key}.{k}" for k in sorted(set(da[key]) | set(db[key])) if da[key].get(k) != db[key].get(k)]
+        else:
+            out.append(key)
+    return out

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write
 from ..errors import SparsecodeError
+from ..files import atomic_write
 
 DEFAULT_CORPUS = "stdlib"
 TEXT_SUFFIXES = (".txt", ".jsonl")

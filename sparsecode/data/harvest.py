@@ -24,8 +24,9 @@ from torch import Tensor, nn
 
 from ..config import check
 from ..errors import SparsecodeError
+from ..files import writing
 from .corpus import DEFAULT_CORPUS, Corpus, open_corpus
-from .store import DTYPES, FORMATS, StoreWriter
+from .store import DTYPES, FORMATS, StoreWriter, has_shards
 
 DEFAULT_MODEL, DEFAULT_HOOK = "minilm", "encoder.layer.3"
 
@@ -40,10 +41,13 @@ def model_path(name: str) -> str:
     return name
 
 
-def load_model(name: str, revision: str | None = None, device: str | torch.device = "cpu"):
-    """(model in eval mode on `device`, tokenizer, revision string) for a hub id or a local folder."""
+def load_model(name: str, revision: str | None = None, device: str | torch.device = "cpu",
+               tokenizer: str | None = None):
+    """(model in eval mode on `device`, tokenizer, revision string) for a hub id or a local folder.
+
+    `tokenizer` names another id or folder to take the tokenizer from (a model folder without one)."""
     import transformers
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -56,13 +60,30 @@ def load_model(name: str, revision: str | None = None, device: str | torch.devic
         causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
         cls = AutoModelForCausalLM if causal else AutoModel
         model = cls.from_pretrained(path, config=config, dtype=torch.float32, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError, KeyError, ImportError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         where = "folder" if local else "model id"
         raise SparsecodeError(f"cannot load the {where} {name!r} with transformers: {first}") from None
+    tok = load_tokenizer(tokenizer or path, offline, revision if tokenizer is None else None)
     rev = _weights_hash(Path(path)) if local else getattr(config, "_commit_hash", None) or revision or "unknown"
-    return model.eval().to(device), tokenizer, rev
+    return model.eval().to(device), tok, rev
+
+
+def load_tokenizer(name: str, offline: bool, revision: str | None = None):
+    """A tokenizer from a hub id or folder that really tokenises (a folder without one is named)."""
+    from transformers import AutoTokenizer
+
+    local = Path(name).is_dir()
+    kw: dict[str, Any] = {"local_files_only": offline or local} | ({} if local else {"revision": revision})
+    missing = f"{name!r} has no tokenizer; pass --tokenizer NAME_OR_PATH (a hub id or a folder that has one)"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kw)
+    except (OSError, ValueError, KeyError, ImportError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SparsecodeError(f"{missing}: {first}") from None
+    if not tokenizer.encode("hello world", add_special_tokens=False):
+        raise SparsecodeError(missing)
+    return tokenizer
 
 
 def _weights_hash(folder: Path) -> str:
@@ -245,6 +266,7 @@ class ModelSpec:
     batch_contexts: int = 32  # contexts per forward pass
     prepend_bos: bool = True
     revision: str | None = None
+    tokenizer: str | None = None  # hub id or folder of the tokenizer, when the model's own has none
     device: str = "auto"
 
     def validate(self) -> None:
@@ -293,18 +315,25 @@ def harvest(cfg: HarvestConfig, progress: bool = False,
 
     `on_shard(n)` runs after each shard is written (n = shards so far in this call).
     """
-    from tqdm import tqdm
-
     from ..train import pick_device
 
     cfg.validate()
     corpus = open_corpus(cfg.corpus, cfg.text_field)
-    model, tokenizer, revision = load_model(cfg.model, cfg.revision, pick_device(cfg.device))
+    model, tokenizer, revision = load_model(cfg.model, cfg.revision, pick_device(cfg.device), cfg.tokenizer)
     hooked = Hooked(model, cfg.hook, cfg.hook_point)
     layout = Layout.of(tokenizer, cfg.context, cfg.prepend_bos)
     header = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "tokens")}
     header.update(model_revision=revision, corpus_fingerprint=corpus.fingerprint(), tokens_requested=cfg.tokens)
-    writer = StoreWriter(Path(cfg.out), header, cfg.shard_tokens)
+    out = Path(cfg.out)
+    with writing(out, "store", keep=lambda: has_shards(out)):  # everything above was checked before this
+        return _harvest_into(StoreWriter(out, header, cfg.shard_tokens), cfg, corpus, tokenizer, hooked, layout,
+                             progress, on_shard)
+
+
+def _harvest_into(writer: StoreWriter, cfg: HarvestConfig, corpus: Corpus, tokenizer: Any, hooked: Hooked,
+                  layout: Layout, progress: bool, on_shard: Callable[[int], None] | None) -> dict[str, Any]:
+    from tqdm import tqdm
+
     if writer.complete:
         return writer.manifest
     resume = writer.manifest["resume"] or {"cursor": [0, 0], "row": 0}
@@ -352,6 +381,7 @@ def add_harvest_command(sub: Any) -> argparse.ArgumentParser:
     h.add_argument("--shard-tokens", type=_count, default=131072)
     h.add_argument("--batch-contexts", type=int, default=32, help="contexts per forward pass")
     h.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    h.add_argument("--tokenizer", help="hub id or folder of the tokenizer (for a model folder without one)")
     h.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     h.add_argument("--out", required=True, help="store folder (an interrupted harvest resumes in it)")
     h.add_argument("--no-progress", action="store_true")

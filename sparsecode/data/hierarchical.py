@@ -89,7 +89,7 @@ class Hierarchical:
         self.generator.set_state(state["generator"])
 
 
-@register_source("hierarchical")
+@register_source("hierarchical", HierarchicalConfig)
 def open_hierarchical(cfg: SourceConfig, split: str) -> Hierarchical:
     spec = from_dict(HierarchicalConfig, cfg.options, "hierarchical source")
     return Hierarchical(spec, cfg.seed, split)

@@ -52,29 +52,47 @@ class SourceConfig:
 
 
 Opener = Callable[[SourceConfig, str], ActivationSource]
-SOURCES: dict[str, Opener] = {}
 
 
-def register_source(kind: str):
+@dataclass
+class SourceKind:
+    """How to open one kind of source: its opener, the dataclass of its options, whether it reads a path."""
+
+    open: Opener
+    options: type | None
+    reads_path: bool
+
+
+SOURCES: dict[str, SourceKind] = {}
+
+
+def register_source(kind: str, options: type | None = None, reads_path: bool = False):
+    """Decorator: make an opener the source of kind `kind` (`--source kind`, or a path for reads_path)."""
     def wrap(fn: Opener) -> Opener:
-        SOURCES[kind] = fn
+        SOURCES[kind] = SourceKind(fn, options, reads_path)
         return fn
 
     return wrap
 
 
+def source_kinds() -> dict[str, SourceKind]:
+    """Every registered kind of source, by name."""
+    from . import hierarchical, store, stream, synthetic  # noqa: F401  (registers their kinds)
+
+    return dict(sorted(SOURCES.items()))
+
+
 def open_source(cfg: SourceConfig, split: str = "train") -> ActivationSource:
     """Open the `train` or `eval` split of a configured source."""
     check(split in ("train", "eval"), f"split must be 'train' or 'eval', got {split!r}")
-    from . import hierarchical, store, stream, synthetic  # noqa: F401  (registers their kinds)
-
+    source_kinds()
     if cfg.kind == "memory":
         raise SparsecodeError("this run was trained on in-memory data, which cannot be reopened; pass the data")
     if cfg.kind not in SOURCES:
         near = difflib.get_close_matches(cfg.kind, SOURCES, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise SparsecodeError(f"unknown source kind {cfg.kind!r}{hint}; choose from: {', '.join(sorted(SOURCES))}")
-    return SOURCES[cfg.kind](cfg, split)
+    return SOURCES[cfg.kind].open(cfg, split)
 
 
 class TensorSource:
@@ -138,7 +156,7 @@ def split_rows(n: int, heldout: float, split: str) -> range:
     return range(0, n - n_eval)
 
 
-@register_source("npy")
+@register_source("npy", reads_path=True)
 def open_npy(cfg: SourceConfig, split: str) -> TensorSource:
     """A .npy file of [rows, d] activations, memory-mapped."""
     check(cfg.path is not None, "source kind 'npy' needs a path")

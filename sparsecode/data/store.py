@@ -27,9 +27,18 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from ..checkpoint import atomic_write, atomic_write_json, read_json, sha256, verify_files
 from ..config import check, derive_seed, from_dict
 from ..errors import SparsecodeError
+from ..files import (
+    atomic_write,
+    atomic_write_json,
+    failpoint,
+    only_lock_left,
+    read_json,
+    sha256,
+    sweep_temps,
+    verify_files,
+)
 from .source import SourceConfig, register_source, split_rows
 
 MANIFEST, VERSION = "manifest.json", "sparsecode-store/1"
@@ -55,14 +64,15 @@ class StoreWriter:
             if changed:
                 raise SparsecodeError(f"store {self.path} was harvested with other settings "
                                       f"({', '.join(changed)} differ); pick a new --out")
+            check_manifest(self.path, self.manifest)
             for shard in self.manifest["shards"]:
                 verify_shard(self.path, shard)
-            for tmp in self.path.glob(".*.tmp"):  # left by a harvest killed mid-write
-                tmp.unlink()
-        elif self.path.exists() and any(self.path.iterdir()):
+            sweep_temps(self.path)  # left by a harvest killed mid-write
+        elif self.path.exists() and not only_lock_left(self.path):
             raise SparsecodeError(f"{self.path} exists and is not a store (no {MANIFEST}); pick a new --out")
-        else:
+        else:  # a new store, or one whose harvest was killed before its first manifest: start it afresh
             self.path.mkdir(parents=True, exist_ok=True)
+            sweep_temps(self.path)
             self.manifest = {"version": VERSION, **header, "d": None, "complete": False, "tokens": 0,
                              "shards": [], "resume": None}
             atomic_write_json(manifest_path, self.manifest)
@@ -118,6 +128,7 @@ class StoreWriter:
                      f"{name}.meta.npy": _npy_bytes(torch.stack([v.long() for v in meta.values()], 1).numpy())}
         for fname, data in files.items():
             atomic_write(self.path / fname, data)
+        failpoint("shard-written")
         m["shards"].append({"name": name, "rows": len(acts), "sha256": {f: sha256(self.path / f) for f in files}})
         m["d"] = int(acts.shape[1])
         m["tokens"] = m["tokens"] + len(acts)
@@ -129,6 +140,33 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
+
+
+def has_shards(path: Path) -> bool:
+    """Whether a (partial) store folder lists at least one written shard: something to resume from."""
+    try:
+        return bool(read_json(Path(path) / MANIFEST)["shards"])
+    except (SparsecodeError, KeyError, TypeError):
+        return False
+
+
+def check_manifest(path: Path, m: Any) -> None:
+    """Refuse a manifest that is not a store's, or whose counts contradict its shards."""
+    where = Path(path) / MANIFEST
+    if not isinstance(m, dict) or m.get("version") != VERSION:
+        raise SparsecodeError(f"{where} is not a sparsecode store manifest")
+    shards = m.get("shards")
+    ok = isinstance(shards, list) and all(
+        isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("rows"), int)
+        and s["rows"] > 0 and isinstance(s.get("sha256"), dict) for s in shards)
+    if not ok or not isinstance(m.get("tokens"), int):
+        raise SparsecodeError(f"{where}: the shard list or token count is malformed")
+    listed = sum(s["rows"] for s in shards)
+    if listed != m["tokens"]:
+        raise SparsecodeError(f"{where} says {m['tokens']} tokens but its shards hold {listed}; "
+                              f"the store is inconsistent")
+    if shards and not (isinstance(m.get("d"), int) and m["d"] > 0):
+        raise SparsecodeError(f"{where}: width d={m.get('d')!r} is not a positive integer")
 
 
 def verify_shard(root: Path, shard: dict[str, Any]) -> None:
@@ -147,37 +185,44 @@ class Store:
         if not (self.path / MANIFEST).is_file():
             raise SparsecodeError(f"{self.path} is not an activation store: {MANIFEST} is missing")
         self.manifest = m = read_json(self.path / MANIFEST)
-        if not isinstance(m, dict) or m.get("version") != VERSION:
-            raise SparsecodeError(f"{self.path / MANIFEST} is not a sparsecode store manifest")
-        if not m["complete"]:
+        check_manifest(self.path, m)
+        if not m.get("complete"):
             raise SparsecodeError(f"store {self.path} is incomplete ({m['tokens']} of {m['tokens_requested']} "
                                   f"tokens); run the same harvest again to finish it")
         self.shards: list[dict[str, Any]] = m["shards"]
         self.d, self.dtype = int(m["d"]), m["dtype"]
         self.starts = np.cumsum([0] + [s["rows"] for s in self.shards])
         self.n = int(self.starts[-1])
-        self._maps: dict[int, dict[str, np.ndarray]] = {}
+        self._maps = [self._map(info) for info in self.shards]  # every file present, of its listed shape
+        self._verified: set[int] = set()
 
     def shard(self, i: int) -> dict[str, np.ndarray]:
-        """Arrays of shard i: acts [rows, d] (bf16 as int16), tokens, doc, pos, memory-mapped."""
-        if i not in self._maps:
-            info = self.shards[i]
+        """Arrays of shard i: acts [rows, d] (bf16 as int16), tokens, doc, pos, memory-mapped; its sha256 is
+        checked on first use."""
+        if i not in self._verified:
             if self.verify:
-                verify_shard(self.path, info)
-            try:
-                if self.manifest["file_format"] == "safetensors":
-                    arrays = _map_safetensors(self.path / f"{info['name']}.safetensors")
-                else:
-                    meta = np.load(self.path / f"{info['name']}.meta.npy", mmap_mode="r")
-                    arrays = {"acts": np.load(self.path / f"{info['name']}.npy", mmap_mode="r"),
-                              "tokens": meta[:, 0], "doc": meta[:, 1], "pos": meta[:, 2]}
-            except (OSError, ValueError, KeyError) as e:
-                raise SparsecodeError(f"cannot read store shard {info['name']} in {self.path}: {e}") from None
-            if arrays["acts"].shape != (info["rows"], self.d):
-                raise SparsecodeError(f"store shard {info['name']} has shape {arrays['acts'].shape}, "
-                                      f"expected {(info['rows'], self.d)}")
-            self._maps[i] = arrays
+                verify_shard(self.path, self.shards[i])
+            self._verified.add(i)
         return self._maps[i]
+
+    def _map(self, info: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Memory-map one shard's files, checking that they exist and hold the listed shape."""
+        try:
+            if self.manifest["file_format"] == "safetensors":
+                arrays = _map_safetensors(self.path / f"{info['name']}.safetensors")
+            else:
+                meta = np.load(self.path / f"{info['name']}.meta.npy", mmap_mode="r")
+                arrays = {"acts": np.load(self.path / f"{info['name']}.npy", mmap_mode="r"),
+                          "tokens": meta[:, 0], "doc": meta[:, 1], "pos": meta[:, 2]}
+        except FileNotFoundError as e:
+            raise SparsecodeError(f"store shard file missing: {e.filename}") from None
+        except (OSError, ValueError, KeyError, IndexError, struct.error, json.JSONDecodeError,
+                UnicodeDecodeError) as e:
+            raise SparsecodeError(f"cannot read store shard {info['name']} in {self.path}: {e}") from None
+        if arrays["acts"].shape != (info["rows"], self.d) or len(arrays["tokens"]) != info["rows"]:
+            raise SparsecodeError(f"store shard {info['name']} has shape {arrays['acts'].shape}, "
+                                  f"expected {(info['rows'], self.d)}")
+        return arrays
 
     def gather(self, idx: Tensor, key: str = "acts") -> Tensor:
         """Rows `idx` (global indices) of `acts` as float32, or of tokens/doc/pos as int64."""
@@ -308,7 +353,7 @@ class StoreSource:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
 
 
-@register_source("store")
+@register_source("store", StoreOptions, reads_path=True)
 def open_store(cfg: SourceConfig, split: str) -> StoreSource:
     """A store folder written by `sparsecode harvest` (SourceConfig.path); options: StoreOptions."""
     check(cfg.path is not None, "source kind 'store' needs a path (the store folder)")

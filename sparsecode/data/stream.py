@@ -100,7 +100,7 @@ class ModelStream:
         check(self.pos <= len(self._rows), "the stream state does not fit this corpus (was it changed?)")
 
 
-@register_source("model")
+@register_source("model", StreamConfig)
 def open_model_stream(cfg: SourceConfig, split: str) -> ModelStream:
     """Activations of SourceConfig.options' model at its hook over its corpus, computed on the fly."""
     spec = from_dict(StreamConfig, cfg.options, "model source")

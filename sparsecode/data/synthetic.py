@@ -117,13 +117,13 @@ class Clusters:
     load_state_dict = SparseFeatures.load_state_dict
 
 
-@register_source("synthetic")
+@register_source("synthetic", SparseFeaturesConfig)
 def open_sparse(cfg: SourceConfig, split: str) -> SparseFeatures:
     spec = from_dict(SparseFeaturesConfig, cfg.options, "synthetic source")
     return SparseFeatures(spec, cfg.seed, split)
 
 
-@register_source("clusters")
+@register_source("clusters", ClustersConfig)
 def open_clusters(cfg: SourceConfig, split: str) -> Clusters:
     spec = from_dict(ClustersConfig, cfg.options, "clusters source")
     return Clusters(spec, cfg.seed, split)
