@@ -190,3 +190,24 @@ def test_sigkilled_harvest_resumes_to_the_same_store(tmp_path):
     assert not json.loads(manifest.read_text())["complete"]
     subprocess.run(args + ["--out", str(tmp_path / "killed")], check=True)
     assert store_files(tmp_path / "straight") == store_files(tmp_path / "killed")
+
+
+def test_a_model_folder_without_a_tokenizer_is_named_and_leaves_no_store(gpt2_dir, tmp_path, capsys):  # noqa: F811
+    import shutil
+
+    from sparsecode.cli import main
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in gpt2_dir.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, bare)
+    corpus = write_corpus(tmp_path / "c")
+    args = ["harvest", "--model", str(bare), "--hook", "transformer.h.0", "--corpus", str(corpus), "--tokens", "50",
+            "--context", "16", "--no-progress", "--out", str(tmp_path / "s")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "has no tokenizer; pass --tokenizer" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+    assert main(args + ["--tokenizer", str(gpt2_dir)]) == 0
+    assert Store(tmp_path / "s").n == 50

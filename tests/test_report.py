@@ -62,3 +62,18 @@ def test_compare_prints_a_table_and_writes_the_plot(runs, tmp_path, capsys):
 def test_report_of_a_missing_run_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "run directory not found" in capsys.readouterr().err
+
+
+def test_values_from_a_crafted_run_folder_are_escaped(runs, tmp_path):
+    """config.json is read from disk: a crafted one must render as text, never run script in the reader."""
+    from sparsecode.report import write_report
+
+    run = tmp_path / "crafted"
+    shutil.copytree(runs / "topk", run)
+    cfg = json.loads((run / "config.json").read_text())
+    payload = "<script>alert(1)</script>"
+    cfg.update(steps=payload, batch_size='<img src=x onerror="alert(2)">', method=payload)
+    (run / "config.json").write_text(json.dumps(cfg))
+    page = write_report(run, {"fvu": 0.5, payload: payload}).read_text()
+    assert "<script>alert" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x onerror=" in page
