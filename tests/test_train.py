@@ -150,3 +150,15 @@ def test_bf16_autocast_trains_as_well_as_fp32(tmp_path):
             fvus[precision] = float(fvu(batch, coder(batch).x_hat))
     assert fvus["bf16"] < 1.05 * fvus["fp32"] and fvus["bf16"] != fvus["fp32"], fvus
     assert fvus["fp32"] < 0.5, fvus
+
+
+def test_deterministic_kernels_are_on_while_training_and_restored_after(tmp_path):
+    """--deterministic (bit-exact resume on CUDA) switches deterministic algorithms on for the run only."""
+    seen = []
+    cfg = topk_config(steps=3, coder={"m": 64, "k": 4}, deterministic=True)
+    train(cfg, tmp_path / "run", on_step=lambda s: seen.append(torch.are_deterministic_algorithms_enabled()))
+    assert seen == [True] * 3 and not torch.are_deterministic_algorithms_enabled()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["deterministic"] is True
+    train(topk_config(steps=2, coder={"m": 64, "k": 4}), tmp_path / "plain",
+          on_step=lambda s: seen.append(torch.are_deterministic_algorithms_enabled()))
+    assert seen[3:] == [False, False]
