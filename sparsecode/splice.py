@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from .coder import Coder
 from .config import check
-from .data.harvest import find_module
+from .device import pick_device
+from .model import find_module, load_model
 
 Patch = Callable[[Tensor], Tensor]
 
@@ -121,19 +122,18 @@ def splice_store(coder: Coder, store_path: str, heldout: float = 0.05, contexts:
     """Spliced loss on contexts rebuilt from a store's held-out region (its model, hook, corpus, layout)."""
     from itertools import islice
 
+    from .data.contexts import Layout, pack
     from .data.corpus import open_corpus
-    from .data.harvest import Layout, load_model, pack
     from .data.source import split_rows
     from .data.store import Store
     from .errors import SparsecodeError
-    from .train import pick_device
 
     store = Store(store_path, verify=False)
     m = store.manifest
     first = split_rows(store.n, heldout, "eval").start if heldout > 0 else 0
     start = torch.tensor([first])
     cursor = (int(store.gather(start, "doc")[0]), int(store.gather(start, "pos")[0]))
-    model, tokenizer, revision = load_model(m["model"], m.get("revision"), pick_device(device))
+    model, tokenizer, revision = load_model(m["model"], m.get("revision"), pick_device(device), m.get("tokenizer"))
     if revision != m["model_revision"]:
         raise SparsecodeError(f"model {m['model']!r} changed since the harvest of {store_path} "
                               f"({revision} now, {m['model_revision']} then)")

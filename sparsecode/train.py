@@ -24,6 +24,7 @@ from . import checkpoint as ck
 from .coder import Coder, build, get_method
 from .config import check, derive_seed, from_dict, to_dict
 from .data.source import ActivationSource, SourceConfig, open_source
+from .device import pick_device
 from .errors import SparsecodeError
 from .files import failpoint, read_jsonl, sweep_temps, writing
 from .metrics import CodeStats
@@ -90,14 +91,6 @@ class TrainConfig:
         t = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
         shape = 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) if self.decay == "cosine" else 1 - min(t, 1.0)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SparsecodeError(f"device {name!r} asked for, but no CUDA GPU is available")
-    return torch.device(name)
 
 
 class Trainer:

@@ -109,7 +109,7 @@ def test_stdlib_builder_keeps_docstrings_and_prose(tmp_path):
 def test_default_corpus_has_a_million_tokens():
     from transformers import AutoTokenizer
 
-    from sparsecode.data.harvest import model_path
+    from sparsecode.model import model_path
 
     tok = AutoTokenizer.from_pretrained(model_path("minilm"), local_files_only=True)
     texts = [t for _, t in open_corpus(DEFAULT_CORPUS).docs()]

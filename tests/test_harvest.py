@@ -16,9 +16,10 @@ from data_helpers import corpus_texts, gpt2_dir, minilm_dir, write_corpus  # noq
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from sparsecode.cli import Parser
-from sparsecode.data.harvest import HarvestConfig, add_harvest_command, harvest, load_model
+from sparsecode.data.harvest import HarvestConfig, add_harvest_command, harvest
 from sparsecode.data.store import Store
 from sparsecode.errors import SparsecodeError
+from sparsecode.model import load_model
 
 
 def direct_rows(model, tok, module, texts, context, bos, sep, cls_sep=False):
@@ -211,3 +212,19 @@ def test_a_model_folder_without_a_tokenizer_is_named_and_leaves_no_store(gpt2_di
     assert not (tmp_path / "s").exists()
     assert main(args + ["--tokenizer", str(gpt2_dir)]) == 0
     assert Store(tmp_path / "s").n == 50
+
+
+def test_the_harvest_command_keeps_the_config_defaults(monkeypatch):
+    """Flags left out keep HarvestConfig's defaults (the CLI repeats none); --no-prepend-bos reaches it."""
+    import sparsecode.data.harvest as harvest_module
+
+    seen = []
+    monkeypatch.setattr(harvest_module, "harvest", lambda cfg, progress: seen.append(cfg) or {})
+    p = Parser(prog="sparsecode")
+    add_harvest_command(p.add_subparsers(dest="command", parser_class=Parser))
+    for argv in (["harvest", "--out", "s"], ["harvest", "--out", "s", "--no-prepend-bos", "--context", "64"]):
+        a = p.parse_args(argv)
+        with pytest.raises((KeyError, TypeError)):
+            a.fn(a)  # stops at the fake harvest's empty manifest
+    assert seen[0] == HarvestConfig(out="s")
+    assert seen[1] == HarvestConfig(out="s", prepend_bos=False, context=64)

@@ -6,9 +6,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sparsecode.data.harvest import Hooked, load_model  # noqa: E402
 from sparsecode.data.source import TensorSource  # noqa: E402
 from sparsecode.errors import SparsecodeError  # noqa: E402
+from sparsecode.model import Hooked, load_model  # noqa: E402
 from sparsecode.splice import reconstruct_with, spliced_loss  # noqa: E402
 from sparsecode.train import TrainConfig, train  # noqa: E402
 

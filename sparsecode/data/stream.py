@@ -22,8 +22,10 @@ import torch
 from torch import Tensor
 
 from ..config import check, derive_seed, from_dict
+from ..device import pick_device
+from ..model import Hooked, load_model
+from .contexts import Context, Layout, ModelSpec, pack, run_contexts
 from .corpus import open_corpus
-from .harvest import Context, Hooked, Layout, ModelSpec, load_model, pack, run_contexts
 from .source import SourceConfig, register_source
 
 
@@ -42,11 +44,9 @@ class ModelStream:
     """An endless, resumable stream of a model's activations over a corpus."""
 
     def __init__(self, cfg: StreamConfig, seed: int = 0, split: str = "train", heldout: float = 0.05):
-        from ..train import pick_device
-
         self.cfg, self.seed = cfg, seed
         self.corpus = open_corpus(cfg.corpus, cfg.text_field)
-        self.model, self.tokenizer, _ = load_model(cfg.model, cfg.revision, pick_device(cfg.device))
+        self.model, self.tokenizer, _ = load_model(cfg.model, cfg.revision, pick_device(cfg.device), cfg.tokenizer)
         self.hooked = Hooked(self.model, cfg.hook, cfg.hook_point)
         self.layout = Layout.of(self.tokenizer, cfg.context, cfg.prepend_bos)
         share = int(round(heldout * 10000))
