@@ -27,34 +27,9 @@ def _pairs(items: list[str] | None, what: str) -> list[tuple[str, str]]:
 
 
 def source_config(spec: str, options: list[str] | None, seed: int):
-    """A named source kind (`synthetic`, `clusters`, `hierarchical`, `model`...), a store folder or a .npy
-    file; `key=value` options."""
-    from .config import parse_value
-    from .data.source import SourceConfig, source_kinds
-    from .data.store import MANIFEST
+    from .data.source import source_from_spec
 
-    kinds = source_kinds()
-    named = [k for k, v in kinds.items() if not v.reads_path]
-    path = Path(spec)
-    if spec in named:
-        kind, where = spec, None
-    elif path.suffix == ".npy":
-        if not path.is_file():
-            raise SparsecodeError(f"activation file not found: {path}")
-        kind, where = "npy", str(path.resolve())
-    elif path.is_dir() and (path / MANIFEST).is_file():
-        kind, where = "store", str(path.resolve())
-    elif path.exists():
-        raise SparsecodeError(f"{path} is neither a .npy file nor an activation store ({MANIFEST} missing)")
-    else:
-        raise SparsecodeError(f"--source must be {', '.join(named)}, a store folder or a .npy file; "
-                              f"{spec!r} is none of these")
-    cls = kinds[kind].options
-    pairs = _pairs(options, "--source-opt")
-    if pairs and cls is None:
-        raise SparsecodeError(f"--source-opt does not apply to {kind} sources")
-    opts = {k: parse_value(cls, k, v) for k, v in pairs}
-    return SourceConfig(kind=kind, path=where, options=opts, seed=seed)
+    return source_from_spec(spec, dict(_pairs(options, "--source-opt")), seed)
 
 
 TRAINING_FLAGS = ("steps", "batch_size", "lr", "log_every", "ckpt_every", "device", "precision", "warmup_steps",
@@ -130,35 +105,8 @@ def format_metrics(m: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def evaluate_run(run: Path, data: str | None = None, rows: int = 65536, batch_size: int = 4096,
-                 splice_contexts: int = 16) -> dict[str, Any]:
-    """Evaluate a run on its held-out split (or on `data`), splice stores into their model, save eval.json."""
-    from .checkpoint import load_coder
-    from .data.source import open_source
-    from .evaluate import evaluate
-    from .train import load_config
-
-    cfg = load_config(run)
-    coder = load_coder(run)
-    if data:
-        src_cfg = source_config(data, None, cfg.source.seed)
-        src_cfg.heldout = 0.0
-        source = open_source(src_cfg, "train")
-    elif cfg.source.kind == "memory":
-        raise SparsecodeError(f"run {run} was trained on in-memory data; evaluate it with --data FILE.npy")
-    else:
-        src_cfg = cfg.source
-        source = open_source(cfg.source, "eval")
-    result = evaluate(coder, source, rows=rows, batch_size=batch_size)
-    if src_cfg.kind == "store" and splice_contexts > 0:
-        from .splice import splice_store
-
-        result["spliced"] = splice_store(coder, src_cfg.path, src_cfg.heldout, splice_contexts)
-    write_eval(run, result)
-    return result
-
-
 def cmd_eval(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run
     from .metrics import flat_metrics
 
     result = evaluate_run(Path(a.run), a.data, a.rows, a.batch_size, a.splice_contexts)
@@ -166,22 +114,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
-def write_eval(run: Path, result: dict[str, Any]) -> None:
-    from .checkpoint import atomic_write_json
-
-    atomic_write_json(run / "eval.json", result)
-
-
-def run_eval(run: Path, rows: int = 65536, splice_contexts: int = 16) -> dict[str, Any]:
-    """The run's eval.json, computed (and saved) first if it is missing."""
-    from .checkpoint import read_json
-
-    if not (run / "eval.json").is_file():
-        return evaluate_run(run, rows=rows, splice_contexts=splice_contexts)
-    return read_json(run / "eval.json")
-
-
 def cmd_report(a: argparse.Namespace) -> int:
+    from .evaluate import run_eval
     from .report import write_report
 
     run = Path(a.run)
@@ -239,9 +173,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     import shutil
 
     from .data.harvest import HarvestConfig, harvest
-    from .data.source import SourceConfig, open_source
-    from .evaluate import evaluate
-    from .splice import splice_store
+    from .data.source import SourceConfig
+    from .evaluate import evaluate_run
     from .train import TrainConfig, train
 
     store = Path(a.stores) / f"minilm-{a.hook}-{a.tokens}"
@@ -255,11 +188,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
                       source=SourceConfig(kind="store", path=str(store.resolve())),
                       steps=a.steps, batch_size=1024, lr=a.lr, log_every=100)
     print(f"2/3 train: topk (m={a.m}, k={a.k}), {a.steps} steps of 1024 tokens")
-    coder = train(cfg, out, progress=not a.no_progress)
+    train(cfg, out, progress=not a.no_progress)
     print("3/3 evaluate on the held-out 5% of the store, and splice the code into MiniLM")
-    result = evaluate(coder, open_source(cfg.source, "eval"), rows=65536)
-    result["spliced"] = splice_store(coder, str(store), cfg.source.heldout, contexts=16)
-    write_eval(out, result)
+    result = evaluate_run(out, rows=65536, splice_contexts=16)
     dead = last_metrics(out)["dead"]
     sp = result["spliced"]
     print(f"FVU {result['fvu']:.4f}  L0 {result['l0']:.1f}  dead {dead:.1%}  "

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .checkpoint import load_coder
 from .coder import Coder
-from .data.source import ActivationSource
+from .data.source import ActivationSource, open_source, source_from_spec
 from .diagnose import active_units, neural_collapse
 from .errors import SparsecodeError
+from .files import atomic_write_json, read_json
 from .metrics import CodeStats, atom_cosines, effective_rank, frequency_histogram, perplexity, recovery
+from .splice import splice_store
+from .train import load_config
 
 MAX_NC_CODE_ELEMENTS = 1 << 26  # NC on dense codes holds a few float64 copies of [nc_rows, m]; above: skipped
 MAX_COSINE_ATOMS = 8192  # atom-pair cosines cost m²·d: above this, a fixed random subset of atoms
@@ -76,3 +81,33 @@ def evaluate(coder: Coder, source: ActivationSource, rows: int = 65536, batch_si
             result["posterior"] = active_units(mu, logvar)
     coder.train(was_training)
     return result
+
+
+def evaluate_run(run: Path, data: str | None = None, rows: int = 65536, batch_size: int = 4096,
+                 splice_contexts: int = 16) -> dict[str, Any]:
+    """Evaluate a run folder on its held-out split (or on `data`, a .npy file or store), splice a store's
+    code into its model, and save the result as the run's eval.json."""
+    run = Path(run)
+    cfg = load_config(run)
+    coder = load_coder(run)
+    if data:
+        src_cfg = source_from_spec(data, None, cfg.source.seed)
+        src_cfg.heldout = 0.0
+        source = open_source(src_cfg, "train")
+    elif cfg.source.kind == "memory":
+        raise SparsecodeError(f"run {run} was trained on in-memory data; evaluate it with --data FILE.npy")
+    else:
+        src_cfg = cfg.source
+        source = open_source(cfg.source, "eval")
+    result = evaluate(coder, source, rows=rows, batch_size=batch_size)
+    if src_cfg.kind == "store" and splice_contexts > 0:
+        result["spliced"] = splice_store(coder, src_cfg.path, src_cfg.heldout, splice_contexts)
+    atomic_write_json(run / "eval.json", result)
+    return result
+
+
+def run_eval(run: Path, rows: int = 65536, splice_contexts: int = 16) -> dict[str, Any]:
+    """The run's eval.json, computed (and saved) first if it is missing."""
+    if not (Path(run) / "eval.json").is_file():
+        return evaluate_run(run, rows=rows, splice_contexts=splice_contexts)
+    return read_json(Path(run) / "eval.json")

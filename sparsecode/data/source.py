@@ -56,20 +56,23 @@ Opener = Callable[[SourceConfig, str], ActivationSource]
 
 @dataclass
 class SourceKind:
-    """How to open one kind of source: its opener, the dataclass of its options, whether it reads a path."""
+    """How to open one kind of source: its opener, the dataclass of its options, and for kinds read from a
+    path, which paths are theirs (`claims`) and how to name them."""
 
     open: Opener
     options: type | None
-    reads_path: bool
+    claims: Callable[[Path], bool] | None = None
+    described: str = ""
 
 
 SOURCES: dict[str, SourceKind] = {}
 
 
-def register_source(kind: str, options: type | None = None, reads_path: bool = False):
-    """Decorator: make an opener the source of kind `kind` (`--source kind`, or a path for reads_path)."""
+def register_source(kind: str, options: type | None = None, claims: Callable[[Path], bool] | None = None,
+                    described: str = ""):
+    """Decorator: make an opener the source of kind `kind` (`--source kind`, or a path that `claims` accepts)."""
     def wrap(fn: Opener) -> Opener:
-        SOURCES[kind] = SourceKind(fn, options, reads_path)
+        SOURCES[kind] = SourceKind(fn, options, claims, described)
         return fn
 
     return wrap
@@ -80,6 +83,30 @@ def source_kinds() -> dict[str, SourceKind]:
     from . import hierarchical, store, stream, synthetic  # noqa: F401  (registers their kinds)
 
     return dict(sorted(SOURCES.items()))
+
+
+def source_from_spec(spec: str, options: dict[str, str] | None = None, seed: int = 0) -> SourceConfig:
+    """The SourceConfig named by `--source` (a registered kind, or a path one kind claims) and its
+    `--source-opt key=value` options, parsed into the kind's option types."""
+    from ..config import parse_value
+
+    kinds = source_kinds()
+    path = Path(spec)
+    if spec in kinds and kinds[spec].claims is None:
+        kind, where = spec, None
+    else:
+        kind = next((k for k, v in kinds.items() if v.claims is not None and v.claims(path)), None)
+        if kind is None:
+            named = ", ".join(k for k, v in kinds.items() if v.claims is None)
+            paths = " or ".join(v.described for v in kinds.values() if v.claims is not None)
+            what = f"{path} exists but is not" if path.exists() else f"{spec!r} is neither a source kind ({named}) nor"
+            raise SparsecodeError(f"--source: {what} {paths}")
+        where = str(path.resolve())
+    cls = kinds[kind].options
+    if options and cls is None:
+        raise SparsecodeError(f"--source-opt does not apply to {kind} sources")
+    opts = {k: parse_value(cls, k, v) for k, v in (options or {}).items()}
+    return SourceConfig(kind=kind, path=where, options=opts, seed=seed)
 
 
 def open_source(cfg: SourceConfig, split: str = "train") -> ActivationSource:
@@ -156,7 +183,7 @@ def split_rows(n: int, heldout: float, split: str) -> range:
     return range(0, n - n_eval)
 
 
-@register_source("npy", reads_path=True)
+@register_source("npy", claims=lambda p: p.suffix == ".npy", described="a .npy file")
 def open_npy(cfg: SourceConfig, split: str) -> TensorSource:
     """A .npy file of [rows, d] activations, memory-mapped."""
     check(cfg.path is not None, "source kind 'npy' needs a path")

@@ -353,7 +353,8 @@ class StoreSource:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
 
 
-@register_source("store", StoreOptions, reads_path=True)
+@register_source("store", StoreOptions, claims=lambda p: p.is_dir() and (p / MANIFEST).is_file(),
+                 described=f"a store folder (with {MANIFEST})")
 def open_store(cfg: SourceConfig, split: str) -> StoreSource:
     """A store folder written by `sparsecode harvest` (SourceConfig.path); options: StoreOptions."""
     check(cfg.path is not None, "source kind 'store' needs a path (the store folder)")
