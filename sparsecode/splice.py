@@ -8,8 +8,10 @@ SAEBench report it: 1 for a perfect reconstruction, 0 for zero-ablation.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import islice
 from typing import Any
 
 import torch
@@ -18,7 +20,12 @@ from torch import Tensor, nn
 
 from .coder import Coder
 from .config import check
+from .data.contexts import Layout, pack
+from .data.corpus import open_corpus
+from .data.source import split_rows
+from .data.store import Store
 from .device import pick_device
+from .errors import SparsecodeError
 from .model import find_module, load_model
 
 Patch = Callable[[Tensor], Tensor]
@@ -120,14 +127,6 @@ def spliced_loss(model: nn.Module, hook: str, patch: Patch, ids: Tensor, mask: T
 def splice_store(coder: Coder, store_path: str, heldout: float = 0.05, contexts: int = 16,
                  device: str = "auto") -> dict[str, Any]:
     """Spliced loss on contexts rebuilt from a store's held-out region (its model, hook, corpus, layout)."""
-    from itertools import islice
-
-    from .data.contexts import Layout, pack
-    from .data.corpus import open_corpus
-    from .data.source import split_rows
-    from .data.store import Store
-    from .errors import SparsecodeError
-
     store = Store(store_path, verify=False)
     m = store.manifest
     first = split_rows(store.n, heldout, "eval").start if heldout > 0 else 0
@@ -142,6 +141,8 @@ def splice_store(coder: Coder, store_path: str, heldout: float = 0.05, contexts:
     ids = torch.tensor([c.ids for c in ctxs])
     mask = torch.tensor([c.mask for c in ctxs])
     where = torch.tensor([c.pos for c in ctxs]) >= 0  # only positions the code was trained on
-    coder = coder.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    if next(iter(coder.buffers())).device != device:  # a copy: the caller's coder stays where it is
+        coder = copy.deepcopy(coder).to(device)
     result = spliced_loss(model, m["hook"], reconstruct_with(coder), ids, mask, m["hook_point"], where)
     return {**result, "contexts": len(ctxs)}

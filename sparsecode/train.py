@@ -6,6 +6,7 @@ process and a distributed launcher can wrap it later.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -98,6 +99,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run: Path, source: ActivationSource | None = None,
                  progress: bool = True):
+        cfg = copy.deepcopy(cfg)  # the run's own copy: the caller's config is never changed
         cfg.validate()
         self.cfg, self.run, self.progress = cfg, Path(run), progress
         self.device = pick_device(cfg.device)

@@ -162,3 +162,15 @@ def test_deterministic_kernels_are_on_while_training_and_restored_after(tmp_path
     train(topk_config(steps=2, coder={"m": 64, "k": 4}), tmp_path / "plain",
           on_step=lambda s: seen.append(torch.are_deterministic_algorithms_enabled()))
     assert seen[3:] == [False, False]
+
+
+def test_the_callers_config_is_left_as_it_was(tmp_path):
+    """The trainer fills in d_in and the in-memory source on its own copy, never on the caller's config."""
+    import copy
+
+    cfg = TrainConfig(method="topk", coder={"m": 32, "k": 4}, steps=2, batch_size=64, init_rows=64)
+    before = copy.deepcopy(cfg)
+    train(cfg, tmp_path / "run", source=TensorSource(torch.randn(512, 8)))
+    assert cfg == before and cfg.source is None and "d_in" not in cfg.coder
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["coder"]["d_in"] == 8 and saved["source"]["kind"] == "memory"
