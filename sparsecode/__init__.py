@@ -1,5 +1,6 @@
 """sparsecode: sparse and discrete codes of neural-network activations (SAEs and VQ codebooks)."""
 
+from . import sae, vq  # noqa: F401  (the methods: each module registers one; the seam lists none)
 from .checkpoint import load_coder
 from .code import Code, decode
 from .coder import Coder, CoderConfig, Output, build, get_method, methods, register

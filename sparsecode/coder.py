@@ -141,7 +141,7 @@ def register(name: str):
 
 
 def get_method(name: str) -> type[Coder]:
-    _load_methods()
+    """The registered method `name` (`sparsecode/__init__.py` imports sae/ and vq/, which register theirs)."""
     if name not in REGISTRY:
         near = difflib.get_close_matches(name, REGISTRY, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
@@ -150,7 +150,7 @@ def get_method(name: str) -> type[Coder]:
 
 
 def methods() -> dict[str, type[Coder]]:
-    _load_methods()
+    """Every registered method, by name."""
     return dict(sorted(REGISTRY.items()))
 
 
@@ -159,8 +159,3 @@ def build(method: str, options: dict[str, Any]) -> Coder:
     cls = get_method(method)
     cfg = from_dict(cls.config_class, options, f"{method!r}")
     return cls(cfg)
-
-
-def _load_methods() -> None:
-    # importing the packages runs their @register decorators
-    from . import sae, vq  # noqa: F401

@@ -1,5 +1,7 @@
-"""Where activations come from: synthetic ground truth, arrays on disk, (later) model harvests."""
+"""Where activations come from. This package lists every kind of source: importing it registers them all
+(synthetic ground truth, clusters, hierarchical, .npy arrays, harvested stores, a model on the fly)."""
 
-from .source import ActivationSource, SourceConfig, TensorSource, open_source, register_source
+from . import hierarchical, store, stream, synthetic  # noqa: F401  (the source kinds, registered on import)
+from .source import ActivationSource, SourceConfig, TensorSource, open_source, register_source, source_kinds
 
-__all__ = ["ActivationSource", "SourceConfig", "TensorSource", "open_source", "register_source"]
+__all__ = ["ActivationSource", "SourceConfig", "TensorSource", "open_source", "register_source", "source_kinds"]

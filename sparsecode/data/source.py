@@ -79,9 +79,7 @@ def register_source(kind: str, options: type | None = None, claims: Callable[[Pa
 
 
 def source_kinds() -> dict[str, SourceKind]:
-    """Every registered kind of source, by name."""
-    from . import hierarchical, store, stream, synthetic  # noqa: F401  (registers their kinds)
-
+    """Every registered kind of source, by name (the `data` package registers them all when imported)."""
     return dict(sorted(SOURCES.items()))
 
 
