@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from sparsecode.data.source import TensorSource
+from sparsecode.diagnose.infomec import infomec
 from sparsecode.train import TrainConfig, train
-from sparsecode.vq.infomec import infomec
 
 ORDINAL, SHAPES = 4, 4
 

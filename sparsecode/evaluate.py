@@ -10,7 +10,7 @@ import torch
 from .checkpoint import load_coder
 from .coder import Coder
 from .data.source import ActivationSource, open_source, source_from_spec
-from .diagnose import active_units, neural_collapse
+from .diagnose import active_units, code_infomec, neural_collapse
 from .errors import SparsecodeError
 from .files import atomic_write_json, read_json
 from .metrics import CodeStats, atom_cosines, effective_rank, frequency_histogram, perplexity, recovery
@@ -39,9 +39,10 @@ def batches(coder: Coder, source: ActivationSource, rows: int, batch_size: int):
 
 @torch.no_grad()
 def evaluate(coder: Coder, source: ActivationSource, rows: int = 65536, batch_size: int = 4096,
-             details: bool = True, nc_rows: int = 4096) -> dict[str, Any]:
+             details: bool = True, nc_rows: int = 4096, infomec_rows: int = 2048) -> dict[str, Any]:
     """FVU, L0, usage and perplexity; with `details` also atom geometry, the frequency histogram,
-    ground-truth recovery, neural collapse (labelled sources) and posterior collapse (variational methods)."""
+    ground-truth recovery, neural collapse (labelled sources), posterior collapse (variational methods)
+    and InfoMEC of the codes against the true factors (sources with `factored_batch`: synthetic features)."""
     was_training = coder.training
     coder.eval()
     stats = CodeStats(coder.cfg.m)
@@ -79,6 +80,11 @@ def evaluate(coder: Coder, source: ActivationSource, rows: int = 65536, batch_si
             x = next(batches(coder, source, min(rows, nc_rows), nc_rows))
             mu, logvar = posterior(x)
             result["posterior"] = active_units(mu, logvar)
+        factored = getattr(source, "factored_batch", None)
+        if factored is not None and infomec_rows > 0:  # last: the rows drawn for the figures above stay as they were
+            x, factors = factored(infomec_rows)
+            result["infomec"] = code_infomec(coder.encode(x.to(next(iter(coder.buffers())).device, torch.float32)),
+                                             factors)
     coder.train(was_training)
     return result
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from sparsecode.vq.infomec import infomec, mutual_information
+from sparsecode.diagnose.infomec import infomec, mutual_information
 
 
 def test_mutual_information_of_a_label_with_itself_is_its_entropy():

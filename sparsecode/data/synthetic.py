@@ -75,6 +75,11 @@ class SparseFeatures:
     def next_batch(self, n: int) -> Tensor:
         return self.sample(n)[0]
 
+    def factored_batch(self, n: int) -> tuple[Tensor, Tensor]:
+        """Rows with their ground-truth factors: each feature's true coefficient, 0 where it is silent
+        (for InfoMEC in `evaluate`)."""
+        return self.sample(n)
+
     @property
     def truth(self) -> Tensor:
         return self.features
