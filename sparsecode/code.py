@@ -35,15 +35,20 @@ class Code:
         return self.active().sum(1)
 
     def counts(self) -> Tensor:
-        """[m] how many rows each atom is active in."""
-        return torch.bincount(self.indices[self.active()], minlength=self.size)
+        """[m] how many rows each atom is active in: a scatter-add of fixed size, so nothing is read back
+        from the device (bincount of the active indices would size its output from their maximum)."""
+        active = self.active().long()
+        out = torch.zeros(self.size, dtype=torch.long, device=self.indices.device)
+        if self.indices.shape[0] and self.indices.stride(0) == 0:  # every row holds one index row (full width)
+            return out.scatter_add_(0, self.indices[0].clamp_min(0), active.sum(0))
+        return out.scatter_add_(0, self.indices.clamp_min(0).flatten(), active.flatten())
 
     def to_dense(self) -> Tensor:
         """[B, m] dense matrix of weights; for tests and small analyses, never on the hot path."""
         dense = self.values.new_zeros(self.indices.shape[0], self.size)
-        mask = self.indices >= 0
-        rows = torch.arange(self.indices.shape[0], device=self.indices.device)[:, None].expand_as(mask)
-        return dense.index_put_((rows[mask], self.indices[mask]), self.values[mask], accumulate=True)
+        rows = torch.arange(self.indices.shape[0], device=self.indices.device)[:, None].expand_as(self.indices)
+        values = self.values.masked_fill(self.indices < 0, 0)  # unused slots add zero to atom 0
+        return dense.index_put_((rows, self.indices.clamp_min(0)), values, accumulate=True)
 
     @classmethod
     def ones(cls, indices: Tensor, size: int, dtype: torch.dtype = torch.float32) -> Code:

@@ -35,7 +35,8 @@ class Output:
     x_hat: Tensor
     code: Code
     losses: dict[str, Tensor]
-    stats: dict[str, float] = field(default_factory=dict)  # extra figures to log (e.g. restarts)
+    # extra figures to log (e.g. restarts); tensors stay on the device, summed there and read when logged
+    stats: dict[str, float | Tensor] = field(default_factory=dict)
 
 
 class Coder(nn.Module):
@@ -55,6 +56,14 @@ class Coder(nn.Module):
         # tokens since each atom last fired; drives dead-latent counts, AuxK and code restarts
         self.register_buffer("since_fired", torch.zeros(cfg.m, dtype=torch.long))
         self.generator: torch.Generator | None = None  # set by the trainer, for repeatable randomness
+        # the trainer's generator on the training device (the same object on the CPU): noise drawn in a step
+        # comes from it, so a CUDA step never waits for a copy of host-drawn numbers
+        self.device_generator: torch.Generator | None = None
+        # on a GPU, the host's upper bound of since_fired.max() (see `idle_count`): `track` raises it by the
+        # batch; it is read afresh (None: at the next query) only after a write from outside (weights, a test)
+        self._idle_bound: int | None = 0
+        self._idle_seen = self._idle_key()
+        self.register_load_state_dict_post_hook(lambda module, keys: module._read_idle_bound())
 
     # --- the seam -------------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Code:
@@ -103,25 +112,96 @@ class Coder(nn.Module):
 
     @torch.no_grad()
     def track(self, code: Code) -> None:
-        """Update the tokens-since-fired counter with one batch's code (training only)."""
+        """Update the tokens-since-fired counter with one batch's code (training only), on the device."""
+        fresh = self._idle_key() == self._idle_seen and self._idle_bound is not None
         self.since_fired += code.indices.shape[0]
-        self.since_fired[code.counts() > 0] = 0
+        self.since_fired.masked_fill_(code.counts() > 0, 0)
+        self._idle_bound = self._idle_bound + code.indices.shape[0] if fresh else None
+        self._idle_seen = self._idle_key()
 
     def dead_mask(self) -> Tensor:
         return self.since_fired >= self.cfg.dead_tokens
 
+    # --- since_fired, as far as the host knows it without waiting --------------------------------
+    def idle_watch(self) -> float:
+        """The idle time (tokens) whose atoms `idle_count` counts: dead_tokens (AuxK); vq: its restart age."""
+        return self.cfg.dead_tokens
+
+    def idle_count(self) -> tuple[int, int | None]:
+        """(the longest idle time or an upper bound of it, the number of atoms idle ≥ `idle_watch()` or None).
+
+        On the CPU the device is the host: both are read exactly and nothing waits. On a GPU the host reads
+        neither in a step: the count is unknown (None) and the bound is the longest idle time at the last read
+        (start, loading weights) plus the tokens tracked since, so what a step does with it (AuxK, restarts)
+        depends on the run's history alone, not on how far the host ran ahead of the GPU.
+        """
+        if self.reads_idle_directly():
+            longest, count = _host_mirror(torch.stack([self.since_fired.max(),
+                                                       (self.since_fired >= self.idle_watch()).sum()])).tolist()
+            return longest, count
+        if self._idle_bound is None or self._idle_key() != self._idle_seen:
+            self._read_idle_bound()  # written from outside the trainer's steps (a test): read it once
+        return self._idle_bound, None
+
+    def reads_idle_directly(self) -> bool:
+        """Whether since_fired lives in host memory (a CPU run), where reading it waits for nothing."""
+        return self.since_fired.device.type == "cpu"
+
+    def idle_lowered(self) -> None:
+        """Note that the method itself only lowered since_fired (restarts): the host's bound stays valid."""
+        self._idle_seen = self._idle_key()
+
+    def _read_idle_bound(self) -> None:
+        """Read the longest idle time (after loading weights or an outside write; never in a training step)."""
+        self._idle_bound = int(self.since_fired.max())
+        self._idle_seen = self._idle_key()
+
+    def _idle_key(self) -> tuple[int, int] | None:
+        try:  # in-place writes bump a tensor's version; None (always re-read) for inference tensors
+            return self.since_fired.data_ptr(), self.since_fired._version
+        except RuntimeError:
+            return None
+
+    def _apply(self, fn, recurse: bool = True):
+        fresh = self._idle_key() == self._idle_seen  # moving the buffer (.to(device)) changes no value
+        out = super()._apply(fn, recurse)
+        if fresh:
+            self._idle_seen = self._idle_key()
+        return out
+
+    def generator_for(self, device: torch.device | str | None) -> torch.Generator | None:
+        """The run's generator that draws on `device`: the device generator there, else the host one."""
+        g = self.device_generator
+        return g if g is not None and device is not None and g.device == torch.device(device) else self.generator
+
     def rand(self, *shape: int, device: torch.device | None = None) -> Tensor:
-        """Uniform [0, 1) noise from the run's generator (or the global one outside a trainer)."""
-        return torch.rand(*shape, generator=self.generator).to(device)
+        """Uniform [0, 1) noise from the run's generator (or the global one outside a trainer), drawn on
+        `device` when the trainer gave a generator there; otherwise on the CPU and copied."""
+        g = self.generator_for(device)
+        if g is None or g.device == torch.device(device or "cpu"):
+            return torch.rand(*shape, generator=g, device=device)
+        return torch.rand(*shape, generator=g).to(device)
 
     def randn(self, *shape: int, device: torch.device | None = None) -> Tensor:
-        """Standard normal noise from the run's generator (CPU generator, moved to `device`)."""
-        return torch.randn(*shape, generator=self.generator).to(device)
+        """Standard normal noise, drawn as `rand` draws."""
+        g = self.generator_for(device)
+        if g is None or g.device == torch.device(device or "cpu"):
+            return torch.randn(*shape, generator=g, device=device)
+        return torch.randn(*shape, generator=g).to(device)
 
     def config_dict(self) -> dict[str, Any]:
         from .config import to_dict
 
         return to_dict(self.cfg)
+
+
+def _host_mirror(t: Tensor) -> Tensor:
+    """Mark a tensor in host memory whose values the host may read without waiting for any device (a CPU
+    run's own counters); tests/sync_guard.py, where every tensor is on the host, lets such reads through."""
+    if t.device.type != "cpu":
+        raise ValueError("only a tensor in host memory can be read without waiting for the device")
+    t._host_mirror = True
+    return t
 
 
 REGISTRY: dict[str, type[Coder]] = {}

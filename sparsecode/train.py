@@ -116,6 +116,11 @@ class Trainer:
             self.coder: Coder = build(cfg.method, cfg.coder).to(self.device)
         self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "train"))
         self.coder.generator = self.generator
+        # draws inside a step (noise, restarts) come from a generator on the device, so a CUDA step never waits
+        # for host-drawn numbers: on CUDA a second one, checkpointed beside the first; on the CPU the same one
+        self.device_generator = self.generator if self.device.type == "cpu" else \
+            torch.Generator(self.device).manual_seed(derive_seed(cfg.seed, "train-device"))
+        self.coder.device_generator = self.device_generator
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
         params = [p for p in self.coder.parameters() if p.requires_grad]
@@ -130,6 +135,8 @@ class Trainer:
             "optimizer": self.opt.state_dict() if self.opt else None,
             "scheduler": self.sched.state_dict() if self.sched else None,
             "generator": self.generator.get_state(),
+            **({"device_generator": self.device_generator.get_state()}
+               if self.device_generator is not self.generator else {}),
             "source": self.source.state_dict(),
         }
 
@@ -138,6 +145,8 @@ class Trainer:
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
+        if self.device_generator is not self.generator and "device_generator" in state:
+            self.device_generator.set_state(state["device_generator"])
         self.source.load_state_dict(state["source"])
 
     def save(self) -> Path:
@@ -200,7 +209,8 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor):
-        """One step (forward, backward, gradient hooks, clipping, optimizer); never waits for the GPU."""
+        """One step (forward, backward, gradient hooks, clipping, optimizer); it never waits for the GPU
+        except where a method's table row says so (README: What each method guarantees)."""
         with self.autocast:
             out = self.coder(x)
             loss = sum(out.losses.values())

@@ -27,3 +27,22 @@ def test_topafa_l0_varies_and_tracks_the_true_number_of_active_features():
     assert l0.std() > 0.5 and len(l0.unique()) >= 4  # no fixed k
     corr = torch.corrcoef(torch.stack([l0, true]))[0, 1].item()
     assert corr > 0.5, corr
+
+
+def test_sparse_gradient_path_matches_the_dense_reference():
+    """With sparse_grad (the default) only the kept latents get encoder gradients, as TopK's; values and every
+    parameter gradient (AFA and AuxK included) agree with the dense autograd path."""
+    torch.manual_seed(3)
+    x = torch.randn(64, 16)
+    outs = []
+    for sparse in (True, False):
+        torch.manual_seed(4)
+        sae = build("topafa", {"d_in": 16, "m": 64, "k": 8, "sparse_grad": sparse, "dead_tokens": 10}).train()
+        sae.since_fired[:20] = 100  # some dead latents, so AuxK takes part
+        out = sae(x)
+        assert {"fvu", "afa", "auxk"} <= set(out.losses)
+        sum(out.losses.values()).backward()
+        outs.append((out.x_hat.detach(), {n: p.grad for n, p in sae.named_parameters()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    for name in outs[0][1]:
+        torch.testing.assert_close(outs[0][1][name], outs[1][1][name], atol=1e-5, rtol=1e-5)

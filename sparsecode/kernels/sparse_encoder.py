@@ -18,6 +18,16 @@ def pre_acts(xc: Tensor, w_enc: Tensor, b_enc: Tensor) -> Tensor:
         return torch.addmm(b_enc, xc, w_enc.t())
 
 
+def bag_weight_grad(idx: Tensor, grad: Tensor, xc: Tensor, w_enc: Tensor) -> Tensor:
+    """dW = Gᵀ·xc ([m, d]) for G the [B, m] gradient holding `grad` at `idx`: embedding_bag's weight gradient
+    with per-sample weights G and upstream xc. Its CUDA backward sorts and segments at fixed sizes, where a
+    sparse COO product coalesces its matrix, whose size is read back from the device (a host sync)."""
+    with torch.enable_grad():
+        w = w_enc.detach().requires_grad_()
+        bag = F.embedding_bag(idx, w, per_sample_weights=grad.to(w_enc.dtype), mode="sum")
+        return torch.autograd.grad(bag, w, xc.to(w_enc.dtype))[0]
+
+
 class _Picked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xc: Tensor, w_enc: Tensor, b_enc: Tensor, idx: Tensor, values: Tensor) -> Tensor:
@@ -32,7 +42,9 @@ class _Picked(torch.autograd.Function):
         flat = idx.reshape(-1)
         g_xc = F.embedding_bag(idx, w_enc, per_sample_weights=grad, mode="sum") if ctx.needs_input_grad[0] else None
         g_w = g_b = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and xc.is_cuda:  # the sparse product below would sync on CUDA
+            g_w = bag_weight_grad(idx, grad, xc, w_enc)
+        elif ctx.needs_input_grad[1]:
             # dW = Gᵀ·xc with G the [B, m] gradient holding k entries per row: a sparse-dense product
             # (index_add_ of B·k rows is several times slower on CPU)
             rows = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])

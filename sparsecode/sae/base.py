@@ -8,20 +8,30 @@ import torch
 from torch import Tensor, nn
 
 from ..code import Code, decode
-from ..coder import Coder
-from ..metrics import total_variance
+from ..coder import Coder, Output
+from ..metrics import fvu, total_variance
 
 
 def dense_to_code(z: Tensor, m: int) -> Code:
     """The non-zero entries of dense activations [B, m] as a Code (k = most non-zeros in one row).
 
     The encoder side already holds [B, m] pre-activations; this only packs them for the O(B·k·d) decoder.
-    Gradients flow to `z` through the gathered values.
+    Gradients flow to `z` through the gathered values. The width is read from the device (a host sync):
+    `encode` uses it; training steps of dense encoders use `full_code` instead.
     """
     k = max(1, int((z != 0).sum(1).max()))
     _, indices = z.detach().abs().topk(k, dim=1, sorted=False)
     values = z.gather(1, indices)
     return Code(indices.masked_fill(values == 0, -1), values, m)
+
+
+def full_code(z: Tensor, m: int) -> Code:
+    """Dense activations [B, m] as a Code of all m slots (slot j holds latent j; zeros are inactive).
+
+    Its shape is fixed, so building it reads nothing from the device; the indices are one shared row
+    (an expanded view), so it costs no memory beyond `z`. Decode it with `SAE.decode_dense`.
+    """
+    return Code(torch.arange(m, device=z.device).expand(z.shape[0], m), z, m)
 
 
 def per_row_scale(x: Tensor) -> Tensor:
@@ -51,6 +61,19 @@ class SAE(Coder):
 
     def decode(self, code: Code) -> Tensor:
         return decode(code, self.W_dec, self.b_dec)
+
+    def decode_dense(self, z: Tensor) -> Tensor:
+        """x̂ = z · W_dec + b_dec for dense activations [B, m]: one matmul, the encoder's own cost."""
+        return torch.addmm(self.b_dec, z, self.W_dec)
+
+    def dense_output(self, x: Tensor, z: Tensor, **losses: Tensor) -> Output:
+        """The training pass of a dense encoder: the full-width code of z, decoded by one matmul (no
+        packing, so no host sync), FVU plus `losses`, and usage tracking."""
+        code = full_code(z, self.cfg.m)
+        x_hat = self.decode_dense(z)
+        if self.training:
+            self.track(code)
+        return Output(x_hat, code, {"fvu": fvu(x, x_hat), **losses})
 
     def atoms(self) -> Tensor:
         return self.W_dec

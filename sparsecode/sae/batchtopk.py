@@ -3,6 +3,10 @@
 Training keeps the k·B largest ReLU pre-activations of the batch (rows get more or fewer than k). The
 inference threshold is an EMA (`threshold_decay`) of the smallest value kept in each training batch; eval
 and `encode` outside training keep every pre-activation above it, so L0 varies per row around k.
+
+Not sync-free: the k·B picks fall unevenly on rows, and a Code has one width for all rows, so packing them
+(`dense_to_code`) reads the busiest row's count from the device in every training step; a fixed width
+would be m, a dense code. The threshold's update stays on the device.
 """
 
 from __future__ import annotations
@@ -52,12 +56,12 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def update_threshold(self, code: Code) -> None:
-        kept = code.values[code.active()]
-        if kept.numel() == 0:
-            return
-        low = kept.min()
+        """EMA of the smallest kept value, on the device (an empty batch leaves the threshold as it is)."""
+        active = code.active()
+        low = torch.where(active, code.values.detach(), float("inf")).min()
         d = self.cfg.threshold_decay
-        self.threshold.copy_(low if self.threshold < 0 else d * self.threshold + (1 - d) * low)
+        new = torch.where(self.threshold < 0, low, d * self.threshold + (1 - d) * low)
+        self.threshold.copy_(torch.where(active.any(), new, self.threshold))
 
     def forward(self, x: Tensor) -> Output:
         self.check_input(x)

@@ -62,19 +62,23 @@ class ITDA(Coder):
 
     @torch.no_grad()
     def grow(self, x: Tensor) -> None:
-        """Add the rows of `x` that the dictionary approximates badly, chunk by chunk."""
+        """Add the rows of `x` that the dictionary approximates badly, chunk by chunk, without reading the
+        atom count back from the device: each chunk runs k rounds of matching pursuit over all m slots (empty
+        slots are zero and never picked; rounds past the count change nothing), and the rows that join fill
+        the next free slots in order (none once the dictionary is full, though the pursuit still runs)."""
+        m, slots = self.cfg.m, torch.arange(self.cfg.m, device=x.device)
         for start in range(0, x.shape[0], self.cfg.chunk):
-            n = int(self.n_atoms)
-            if n == self.cfg.m:
-                break
             part = x[start : start + self.cfg.chunk]
-            _, _, r = matching_pursuit(part, self.W_dec[:n], min(self.cfg.k, n), signed=True) if n else (0, 0, part)
+            n = self.n_atoms
+            _, _, r = matching_pursuit(part, self.W_dec, self.cfg.k, signed=True, limit=n)
             norms = part.norm(dim=1)
-            new = ((r.norm(dim=1) > self.cfg.max_error * norms) & (norms > 0)).nonzero()[:, 0]
-            new = new[: self.cfg.m - n]
-            self.W_dec[n : n + new.numel()] = F.normalize(part[new], dim=1)
-            self.source_index[n : n + new.numel()] = self.rows_seen + start + new
-            self.n_atoms += new.numel()
+            ranks = ((r.norm(dim=1) > self.cfg.max_error * norms) & (norms > 0)).cumsum(0)  # joiners so far
+            joined = torch.minimum(ranks[-1], m - n)  # as many as there are free slots
+            take = (slots >= n) & (slots < n + joined)  # slot n + j takes the (j+1)-th joining row
+            row = torch.searchsorted(ranks, (slots - n + 1).clamp_min(1)).clamp_max(part.shape[0] - 1)
+            self.W_dec.copy_(torch.where(take[:, None], F.normalize(part, dim=1)[row], self.W_dec))
+            self.source_index.copy_(torch.where(take, self.rows_seen + start + row, self.source_index))
+            self.n_atoms += joined
         self.rows_seen += x.shape[0]
 
     def init_from_data(self, x: Tensor) -> None:
@@ -85,5 +89,5 @@ class ITDA(Coder):
         if self.training:
             self.grow(x)
         out = self.reconstruct(x, self.encode(x))
-        out.stats["atoms"] = float(self.n_atoms)
+        out.stats["atoms"] = self.n_atoms.float()  # stays on the device until logged
         return out

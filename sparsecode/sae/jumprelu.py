@@ -5,6 +5,10 @@ and SAELens): with the rectangle kernel K(u) = 1{|u| < ½} and bandwidth ε,
   ∂JumpReLU(pre; θ)/∂θ = −(θ/ε) · K((pre − θ)/ε),   ∂H(pre − θ)/∂θ = −(1/ε) · K((pre − θ)/ε),
 and neither passes a gradient to `pre` through the step (pre gets the plain gradient where z = pre).
 θ = exp(log θ) per latent (autograd chains through exp). Loss = FVU + λ · mean_b L0_b.
+
+The encoder is dense. A training step keeps z as [B, m] (its code has all m slots, x̂ is one matmul), so it
+never reads a width back from the device; the reconstruction's gradient reaches the latents that fire (z ≠ 0),
+as it did through the packed code; `encode` packs the non-zeros, which reads the busiest row's count.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from torch import Tensor, nn
 from ..code import Code
 from ..coder import CoderConfig, Output, register
 from ..config import check
-from ..metrics import fvu
 from .base import SAE, dense_to_code
 
 
@@ -85,9 +88,7 @@ class JumpReLUSAE(SAE):
     def forward(self, x: Tensor) -> Output:
         self.check_input(x)
         pre, theta = self.pre_acts(x), self.log_theta.exp()
-        code = dense_to_code(_JumpReLU.apply(pre, theta, self.cfg.bandwidth), self.cfg.m)
-        x_hat = self.decode(code)
+        z = _JumpReLU.apply(pre, theta, self.cfg.bandwidth)
+        z = z * (z != 0)  # gradient only where a latent fires, as through the packed code of `encode`
         l0 = _Step.apply(pre, theta, self.cfg.bandwidth).sum(1).mean()
-        if self.training:
-            self.track(code)
-        return Output(x_hat, code, {"fvu": fvu(x, x_hat), "l0": self.cfg.l0_coef * l0})
+        return self.dense_output(x, z, l0=self.cfg.l0_coef * l0)  # full-width code, one-matmul decode

@@ -20,19 +20,24 @@ from ..config import check
 from .base import SAE
 
 
-def matching_pursuit(r: Tensor, atoms: Tensor, steps: int, signed: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def matching_pursuit(r: Tensor, atoms: Tensor, steps: int, signed: bool = False,
+                     limit: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(indices [B, steps], values [B, steps], final residual) of `steps` rounds of matching pursuit.
 
     `signed`: pick by |⟨r, d⟩| with signed weights (classic MP); otherwise by ⟨r, d⟩ with weights ≥ 0.
     Differentiable in `r` and `atoms` through the weights; unused slots get index −1 and weight 0.
+    `limit` (a device scalar) stops after that many rounds without the host reading it: later rounds run
+    but change nothing.
     """
     indices, values = [], []
-    for _ in range(steps):
+    for step in range(steps):
         scores = r @ atoms.t()
         key = scores.detach().abs() if signed else scores.detach()
         best = key.argmax(1, keepdim=True)
         a = scores.gather(1, best)
         live = (key.gather(1, best) > 0) if not signed else (a.detach() != 0)
+        if limit is not None:
+            live = live & (limit > step)
         a = a * live
         r = r - a * atoms[best[:, 0]]
         indices.append(best.masked_fill(~live, -1))

@@ -3,6 +3,10 @@
 The decoder rows are free (not renormalised): the L1 term weights each latent by its atom's norm, so
 shrinking z while growing the atom gains nothing. The L1 sum is divided by the batch's rms distance to
 its mean (`per_row_scale`), which makes λ independent of the data's scale, like FVU.
+
+The encoder is dense: gradients reach every latent with a positive pre-activation. A training step keeps
+z as [B, m] (its code has all m slots, x̂ is one matmul), so it never reads a width back from the device;
+`encode` packs the non-zeros into a narrower code, which reads the busiest row's count.
 """
 
 from __future__ import annotations
@@ -40,6 +44,5 @@ class ReLUSAE(SAE):
     def forward(self, x: Tensor) -> Output:
         self.check_input(x)
         z = self.pre_acts(x).relu()
-        code = dense_to_code(z, self.cfg.m)
         l1 = (z * self.W_dec.norm(dim=1)).sum(1).mean() / per_row_scale(x)
-        return self.reconstruct(x, code, l1=self.cfg.l1_coef * l1)
+        return self.dense_output(x, z, l1=self.cfg.l1_coef * l1)  # full-width code, one-matmul decode

@@ -6,7 +6,8 @@ kept prefix, and keep the prefix whose norm is closest to the dense input's norm
 the absolute gap, at least one latent). AFA loss: afa_coef · mean_b (‖z_b‖₂ − ‖x_b − b_dec‖₂)², which
 we divide by the batch's mean squared distance to its mean to share FVU's unitless scale; the authors
 use the uncentred ‖x‖ in the loss, we use x − b_dec in both places, the vector the code reconstructs.
-`k` here is only the slot cap: the most latents one row may keep. AuxK as in TopK.
+`k` here is only the slot cap: the most latents one row may keep. AuxK as in TopK. With `sparse_grad`
+(the default, as in TopK) the encoder's gradient reaches only the kept latents; `false` is the dense path.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ class TopAFASAE(TopKSAE):
 
     def forward(self, x: Tensor) -> Output:
         self.check_input(x)
-        pre, target = self.pre_acts(x), (x - self.b_dec).norm(dim=1)
-        out = self.output(x, pre, self.select_for(pre, target.detach()))
+        pre, target = self.train_pre_acts(x), (x - self.b_dec).norm(dim=1)
+        out = self.output(x, pre, self.attach(x, self.select_for(pre, target.detach())))
         gap = out.code.values.norm(dim=1) - target.detach()
         out.losses["afa"] = self.cfg.afa_coef * gap.pow(2).sum() / total_variance(x)
         return out

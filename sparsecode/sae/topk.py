@@ -89,13 +89,22 @@ class TopKSAE(SAE):
         return Output(x_hat, code, losses)
 
     def aux_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor | None:
-        """Reconstruct the residual with the top latents among the dead ones (None if none is dead)."""
-        dead = self.dead_mask()
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        """Reconstruct the residual with the top latents among the dead ones (None if none is dead).
+
+        Nothing waits for the device (`idle_count`): on the CPU the number dead is read, k_aux = min(aux_k,
+        dead). On a GPU only a bound on the longest idle time is known on the host: None while it is below
+        dead_tokens, then always k_aux = min(aux_k, m) slots, those that fall on live latents weighing zero
+        (the loss is zero when none is dead), as in the paper's reference code.
+        """
+        longest, n_dead = self.idle_count()
+        if longest < self.cfg.dead_tokens or n_dead == 0:
             return None
-        k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, n_dead)
+        dead = self.dead_mask()
+        k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, self.cfg.m if n_dead is None else n_dead)
         residual = (x - x_hat).detach()
-        aux = self.attach(x, self.pick(pre.masked_fill(~dead, self.aux_fill), k_aux))
-        r_hat = decode(aux, self.W_dec)
-        return (residual - r_hat).pow(2).sum() / total_variance(x)
+        top = self.pick(pre.masked_fill(~dead, self.aux_fill), k_aux)
+        if n_dead is None:  # slots beyond the dead latents hold live ones: weight zero
+            top = Code(top.indices, top.values * dead[top.indices], self.cfg.m)
+        r_hat = decode(self.attach(x, top), self.W_dec)
+        loss = (residual - r_hat).pow(2).sum() / total_variance(x)
+        return loss if n_dead is not None else dead.any() * loss

@@ -1,9 +1,10 @@
 """Variational SAE ("Analysis of variational sparse autoencoders"): a Gaussian encoder, TopK on a sample.
 
 The encoder gives μ = W_enc (x − b_dec) + b_enc and log σ² = W_var (x − b_dec) + b_var; training draws
-z = μ + σ·ε (ε from the run's generator), keeps its top k after ReLU and adds the KL of N(μ, σ²) to
-N(0, I) over all m latents, kl_coef · mean_b KL_b / (mean squared distance to the batch mean). `encode`
-is deterministic: TopK of μ. AuxK as in TopK.
+z = μ + σ·ε (ε from the run's generator, drawn on the training device), keeps its top k after ReLU and adds
+the KL of N(μ, σ²) to N(0, I) over all m latents, kl_coef · mean_b KL_b / (mean squared distance to the
+batch mean). `encode` is deterministic: TopK of μ. AuxK as in TopK. Unlike TopK the encoder's gradient is
+dense: μ and log σ² of all m latents get one, through the KL (and `sparse_grad` must stay false).
 """
 
 from __future__ import annotations

@@ -7,8 +7,11 @@ The code holds one atom per head, index h·K + j, weight 1/heads: x̂ (or the lo
 fetched values, the paper's non-parametric average-pooling decoder. With `d_value = 0` the values live
 in input space and the trainer fits them by reconstruction; with `d_value = classes` use `logits(x)` and
 train `values` by cross-entropy (see bench/kv_incremental.py). Only fetched values get a gradient, which
-is why learning new classes forgets little; pair it with an optimizer without momentum (plain SGD) so
-that unfetched values stay exactly still.
+is why learning new classes forgets little; with an optimizer without momentum, unfetched values stay
+exactly still, so the trainer takes plain SGD steps here (`make_optimizer`: no momentum, no weight decay),
+not Adam, whose moments keep moving a value for many steps after it was last fetched (tests/test_kvbottleneck.py
+checks both). The run's lr is then SGD's factor on the gradient, not Adam's step size, and `betas` are unused:
+reconstruction on FVU's unitless scale wants lr ≈ 10 (1e-2, fine for Adam, barely moves the values).
 """
 
 from __future__ import annotations
@@ -66,6 +69,11 @@ class KVBottleneck(Coder):
     def heads_of(self, x: Tensor) -> Tensor:
         """[heads, B, head_dim] each head's view of x."""
         return torch.einsum("bd,hde->hbe", x, self.proj)
+
+    def make_optimizer(self, params: list[nn.Parameter], lr: float, betas: tuple[float, float],
+                       fused: bool | None) -> torch.optim.Optimizer:
+        """Plain SGD (no momentum): a step changes exactly the values fetched in it."""
+        return torch.optim.SGD(params, lr=lr, momentum=0.0, fused=fused)
 
     def encode(self, x: Tensor) -> Code:
         self.check_input(x)

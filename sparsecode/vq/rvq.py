@@ -47,7 +47,7 @@ class RVQ(Coder):
 
     def _stages(self):
         for q in self.quantizers:
-            q.generator = self.generator
+            q.generator, q.device_generator = self.generator, self.device_generator
         return enumerate(self.quantizers)
 
     def encode(self, x: Tensor) -> Code:

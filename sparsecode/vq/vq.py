@@ -79,7 +79,7 @@ class VQ(Coder):
                 self.ema_update(x.detach(), code.indices[:, 0])
             if self.cfg.restart_after:
                 err = (x.detach() - q.detach()).pow(2).sum(1)
-                stats["restarts"] = float(self.restart(x.detach(), err))
+                stats["restarts"] = self.restart(x.detach(), err).float()  # read when logged
         x_hat = x + (q - x).detach()  # straight-through: forward is q, gradient passes to x
         return Output(x_hat, code, losses, stats)
 
@@ -97,26 +97,42 @@ class VQ(Coder):
     @torch.no_grad()
     def ema_update(self, x: Tensor, idx: Tensor) -> None:
         d = self.cfg.decay
-        self.ema_count.mul_(d).add_(torch.bincount(idx, minlength=self.cfg.m).to(x.dtype), alpha=1 - d)
+        hits = torch.zeros(self.cfg.m, dtype=x.dtype, device=x.device).index_add_(
+            0, idx, torch.ones(idx.shape, dtype=x.dtype, device=x.device))  # bincount, at a fixed size
+        self.ema_count.mul_(d).add_(hits, alpha=1 - d)
         self.ema_sum.mul_(d).index_add_(0, idx, x, alpha=1 - d)
         n = self.ema_count.sum()
         size = (self.ema_count + self.cfg.eps) / (n + self.cfg.m * self.cfg.eps) * n
         self.codebook.copy_(self.ema_sum / size[:, None])
 
+    def idle_watch(self) -> float:
+        return self.cfg.restart_after * self.cfg.m  # the host follows how many codes are due a restart
+
     @torch.no_grad()
-    def restart(self, x: Tensor, err: Tensor) -> int:
+    def restart(self, x: Tensor, err: Tensor) -> Tensor:
         """Move the longest-unused dead codes (at most one per batch row) onto distinct batch rows drawn ∝
-        their squared error (as k-means++ seeds), so they land where the codebook fits worst; returns how many."""
-        idle = self.since_fired.float()
-        n_dead = int((idle >= self.cfg.restart_after * self.cfg.m).sum())
-        if n_dead == 0:
-            return 0
-        dead = idle.topk(min(n_dead, x.shape[0])).indices
-        p = err.double().cpu() + 1e-12
-        rows = torch.multinomial(p / p.sum(), dead.numel(), replacement=False, generator=self.generator)
-        rows = rows.to(x.device)
-        self.codebook[dead] = x[rows]
-        self.ema_sum[dead] = x[rows]
-        self.ema_count[dead] = 1.0
-        self.since_fired[dead] = 0
-        return dead.numel()
+        their squared error (as k-means++ seeds), so they land where the codebook fits worst; returns how many
+        (a device scalar).
+
+        Nothing waits for the device. On the CPU, how many codes are due is read (`idle_count`): none, nothing
+        is drawn; else the n due (at most B) move. On a GPU the count stays there, and every step runs at a
+        fixed size: the min(m, B) longest idle codes are candidates and those due (a prefix of them) move.
+        Rows are drawn as torch.multinomial draws them without replacement (the top keys p / Exp(1): the same
+        numbers from the same generator), from the run's generator on x's device.
+        """
+        _, due = self.idle_count()
+        if due == 0:
+            return torch.zeros((), dtype=torch.long, device=x.device)
+        n = min(self.cfg.m if due is None else due, x.shape[0])
+        idle, cand = self.since_fired.float().topk(n)  # longest idle first
+        dead = idle >= self.idle_watch()
+        p = err.double() + 1e-12
+        p = p / p.sum()
+        rows = (p / torch.empty_like(p).exponential_(generator=self.generator_for(p.device))).topk(n).indices
+        new = x[rows]
+        self.codebook[cand] = torch.where(dead[:, None], new, self.codebook[cand])
+        self.ema_sum[cand] = torch.where(dead[:, None], new, self.ema_sum[cand])
+        self.ema_count[cand] = torch.where(dead, 1.0, self.ema_count[cand])
+        self.since_fired[cand] = torch.where(dead, 0, self.since_fired[cand])
+        self.idle_lowered()
+        return dead.sum()
