@@ -13,6 +13,7 @@ from sparsecode.train import TrainConfig, Trainer
 
 
 def test_itda_builds_from_data_rows_without_gradient_steps():
+    """Atoms are the stream's normalised rows at their stored source indices and rebuild those rows alone."""
     src = SourceConfig(kind="synthetic", options=SUPERPOSITION)
     cfg = TrainConfig(method="itda", coder={"m": 128, "k": 4, "max_error": 0.2}, source=src, steps=40,
                       batch_size=512, init_rows=2048, ckpt_every=40)
@@ -35,6 +36,12 @@ def test_itda_builds_from_data_rows_without_gradient_steps():
         loaded = load_coder(Path(d))
         assert torch.equal(loaded.source_index, itda.source_index)
         assert_same_encode(itda, loaded, open_source(src, "eval").next_batch(256))
+        # each atom's source row is rebuilt from its own atom alone: one weight, the row's norm; the rest ~0
+        rows = stream[idx]
+        code = itda.encode(rows)
+        torch.testing.assert_close(itda.decode(code), rows, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(itda.W_dec[code.indices[:, 0]], itda.W_dec[:n])
+        torch.testing.assert_close(code.values[:, 0], rows.norm(dim=1))
+        assert code.k == 4 and code.values[:, 1:].abs().max() < 1e-5
         r = evaluate(itda, open_source(src, "eval"), rows=4096)
         assert r["fvu"] < 0.2, r
-        assert r["l0"] <= 4.0, r

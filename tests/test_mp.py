@@ -28,7 +28,8 @@ def test_mp_sae_decodes_to_input_minus_residual_and_has_no_encoder():
 
 
 def test_mp_sae_trains_end_to_end_and_recovers_features():
+    """Low FVU, ≥ 90% of the true features recovered, and every row uses all k = 4 pursuit steps (L0 = 4.0)."""
     _, r = run("mp", {"k": 4})
     assert r["fvu"] < 0.1, r
-    assert r["l0"] <= 4.0, r
+    assert r["l0"] > 3.95, r
     assert r["recovered"] >= 0.9, r

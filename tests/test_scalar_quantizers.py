@@ -5,9 +5,28 @@ import math
 
 import pytest
 import torch
+from sae_helpers import one_thread
 from vq_helpers import clusters, run
 
 from sparsecode.coder import build
+from sparsecode.data.source import open_source
+from sparsecode.metrics import perplexity
+
+
+def level_grid(coder) -> list[torch.Tensor]:
+    """Each dimension's quantized values, lowest level first."""
+    if coder.name == "fsq":
+        return [torch.arange(n) / ((n - 1) / 2) - 1 for n in coder.levels()]
+    if coder.name == "latentquant":
+        return list(coder.codebooks.detach())
+    return [torch.tensor([-1.0, 1.0] if coder.cfg.mode == "sign" else [0.0, 1.0])] * coder.cfg.m
+
+
+def assert_on_grid(coder, values: torch.Tensor) -> None:
+    """Every value is its dimension's grid value at its level index (a value left unquantized fails)."""
+    idx = coder.level_index(values)
+    for j, grid in enumerate(level_grid(coder)):
+        torch.testing.assert_close(values[:, j], grid[idx[:, j]], atol=1e-6, rtol=0)
 
 
 def inputs_for(coder, z: torch.Tensor) -> torch.Tensor:
@@ -83,14 +102,15 @@ def test_latentquant_losses_train_codebooks_and_decay_weights():
     ("lfq", {"m": 8, "mode": "bernoulli"}, 0.5),
 ])
 def test_fits_a_low_dimensional_cluster_set_and_reloads(method, coder, max_fvu):
-    """16 clusters in 8 dims: m scalar codes explain most of the variance; saved codes reload identically."""
+    """16 clusters in 8 dims: m scalar codes explain most of the variance, every value on its dimension's level
+    grid, ≥ 8 implicit codes in use; saved codes reload identically."""
     source = clusters(d=8, n_clusters=16, spread=0.05)
-    trained, result = run(method, coder, source, steps=300, lr=1e-2, rows=8192)
+    with one_thread():
+        trained, result = run(method, coder, source, steps=300, lr=1e-2, rows=8192)
     assert result["fvu"] < max_fvu, result
-    code = trained.encode(torch.randn(4, 8))
-    assert code.k == trained.cfg.m
-    ids = trained.code_ids(code)
-    assert ids.shape == (4,) and ids.min() >= 0 and ids.max() < math.prod(trained.levels())
+    code = trained.encode(open_source(source, "eval").next_batch(2048))
+    assert_on_grid(trained, code.values)
+    assert len(trained.code_ids(code).unique()) >= 8
 
 
 def test_evaluate_counts_the_implicit_codebook():
@@ -98,9 +118,13 @@ def test_evaluate_counts_the_implicit_codebook():
     from sparsecode.data.source import TensorSource
     from sparsecode.evaluate import evaluate
 
+    """implicit_used and implicit_perplexity are those of the distinct tuples of levels in the encoded rows."""
     fsq = build("fsq", {"d_in": 4, "levels": [3, 3]})
-    result = evaluate(fsq, TensorSource(torch.randn(4096, 4) * 3), rows=4096)
-    assert result["implicit_codes"] == 9
-    assert 1 <= result["implicit_used"] <= 9 and result["implicit_utilisation"] == result["implicit_used"] / 9
-    ids = fsq.code_ids(fsq.encode(torch.randn(512, 4) * 3))
-    assert ids.min() >= 0 and ids.max() < 9
+    x = torch.randn(4096, 4) * 3
+    result = evaluate(fsq, TensorSource(x), rows=4096)
+    values = fsq.encode(x).values
+    assert_on_grid(fsq, values)
+    counts = fsq.level_index(values).unique(dim=0, return_counts=True)[1]
+    assert result["implicit_codes"] == 9 and result["implicit_used"] == len(counts) == 9, result
+    assert result["implicit_utilisation"] == 1.0
+    assert math.isclose(result["implicit_perplexity"], perplexity(counts), rel_tol=1e-9), result
