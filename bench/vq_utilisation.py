@@ -27,8 +27,8 @@ FSQ_LR = 3e-2  # fsq is two small linear maps: at 3e-3 it has not left its rando
 
 def methods(k: int, restart_after: float, kmeans_iters: int) -> dict[str, tuple[str, dict]]:
     return {
-        "vq (no remedies)": ("vq", {"m": k, "kmeans_init": False, "restart_after": 0}),
-        "vq (+restarts)": ("vq", {"m": k, "kmeans_init": False, "restart_after": restart_after}),
+        "vq (no remedies)": ("vq", {"m": k, "init": "random", "restart_after": 0}),
+        "vq (+restarts)": ("vq", {"m": k, "init": "random", "restart_after": restart_after}),
         "vq (+k-means, restarts)": ("vq", {"m": k, "kmeans_iters": kmeans_iters, "restart_after": restart_after}),
         "simvq": ("simvq", {"m": k}),
         "frozen_projector": ("frozen_projector", {"m": k, "kmeans_iters": kmeans_iters}),

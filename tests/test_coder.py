@@ -32,3 +32,17 @@ def test_wrong_input_width_is_one_clear_error():
     coder = build("topk", {"d_in": 8, "m": 16, "k": 2})
     with pytest.raises(SparsecodeError, match=r"input has shape \(4, 7\), expected \[batch, 8\]"):
         coder.encode(torch.zeros(4, 7))
+
+
+def test_one_name_for_data_initialisation_and_old_names_still_load():
+    """`init` names how every codebook starts; configs saved with kmeans_init / data_init load as before."""
+    assert build("vq", {"d_in": 8, "m": 16, "kmeans_init": False}).cfg.init == "random"
+    assert build("vq_factorized", {"d_in": 8, "m": 16, "kmeans_init": True}).cfg.init == "kmeans"
+    assert build("simvq", {"d_in": 8, "m": 16, "data_init": False}).cfg.init == "random"
+    assert build("vqbridge", {"d_in": 8, "m": 16, "data_init": False}).cfg.init == "zero"
+    for method in ("vq", "vq_factorized", "frozen_projector", "kvbottleneck"):
+        assert build(method, {"d_in": 8, "m": 16, "kmeans_iters": 3}).cfg.kmeans_iters == 3
+    with pytest.raises(SparsecodeError, match="init must be 'kmeans' or 'random'"):
+        build("vq", {"d_in": 8, "m": 16, "init": "data"})
+    with pytest.raises(SparsecodeError, match="kmeans_iters must be non-negative"):
+        build("frozen_projector", {"d_in": 8, "m": 16, "kmeans_iters": -1})

@@ -59,9 +59,9 @@ TABLE: dict[str, Case] = {
     "itda": Case("itda", {"m": 128, "k": 4, "max_error": 0.7, "chunk": 64}, SAE, measured=1.68, factor=1.45,
                  init_rows=64),
     # random codebooks (no k-means): EMA and restarts, drawn from the run's generator, do the work
-    "vq": Case("vq", {"m": 64, "kmeans_init": False, "restart_after": 1.0}, CLUSTERS, measured=331, factor=100,
+    "vq": Case("vq", {"m": 64, "init": "random", "restart_after": 1.0}, CLUSTERS, measured=331, factor=100,
                restarts=True),
-    "rvq": Case("rvq", {"m": 128, "stages": 2, "kmeans_init": False, "restart_after": 1.0}, CLUSTERS, measured=851,
+    "rvq": Case("rvq", {"m": 128, "stages": 2, "init": "random", "restart_after": 1.0}, CLUSTERS, measured=851,
                 factor=200, restarts=True),
     "vq_factorized": Case("vq_factorized", {"m": 128, "code_dim": 8}, CLUSTERS, measured=3.67, factor=3.0),
     "simvq": Case("simvq", {"m": 128}, CLUSTERS, measured=2.15, factor=1.8),

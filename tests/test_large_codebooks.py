@@ -50,7 +50,7 @@ def test_training_spreads_simvq_and_frozen_projector_where_plain_vq_stays_collap
     by the same loss from random codes stays ≤ 30% used (26% → 28%)."""
     simvq = before_and_after("simvq", {"m": K, "init_scale": 0.3}, 60, LR, K)
     frozen = before_and_after("frozen_projector", {"m": K, "init": "samples"}, 60, LR, K, shrink_projector)
-    plain = before_and_after("vq", {"m": K, "ema": False, "kmeans_init": False, "restart_after": 0}, 60, LR, K)
+    plain = before_and_after("vq", {"m": K, "ema": False, "init": "random", "restart_after": 0}, 60, LR, K)
     for name, (first, last) in {"simvq": simvq, "frozen_projector": frozen}.items():
         assert first["utilisation"] < 0.3, (name, first)
         assert last["utilisation"] >= 0.85, (name, first, last)
@@ -62,7 +62,7 @@ def test_vqbridge_training_spreads_its_codebook():
     """K = 1024, 60 steps: started at the data's scale the bridge goes from ~85% to ≥ 92% of its codes; the
     authors' zero recover layer (every code at one point) goes from one code to ≥ 30%, still below it."""
     bridge = before_and_after("vqbridge", {"m": 1024}, 60, 3e-3, 8192)
-    zero = before_and_after("vqbridge", {"m": 1024, "data_init": False}, 60, 3e-3, 8192)
+    zero = before_and_after("vqbridge", {"m": 1024, "init": "zero"}, 60, 3e-3, 8192)
     assert bridge[0]["utilisation"] < 0.88 and bridge[1]["utilisation"] >= 0.92, bridge
     assert bridge[1]["fvu"] < 0.95 * bridge[0]["fvu"] and bridge[1]["fvu"] < 0.3, bridge
     assert zero[0]["utilisation"] < 0.01 and 0.3 <= zero[1]["utilisation"] < bridge[1]["utilisation"], zero
@@ -75,7 +75,7 @@ def test_evaluating_a_huge_codebook_skips_neural_collapse_on_dense_codes():
     from sparsecode.data.source import open_source
     from sparsecode.evaluate import evaluate
 
-    vq = build("vq", {"d_in": 8, "m": 262144, "kmeans_init": False})
+    vq = build("vq", {"d_in": 8, "m": 262144, "init": "random"})
     result = evaluate(vq, open_source(SOURCE, "eval"), rows=8192)
     assert "nc_activations" in result and "nc_codes" not in result
     small = evaluate(build("vq", {"d_in": 8, "m": 256}), open_source(SOURCE, "eval"), rows=8192)

@@ -68,8 +68,8 @@ def test_vq_uses_codes_and_finds_centres():
 
 def test_restarts_raise_utilisation():
     """Acceptance: from a random (non k-means) init, restarts on beat restarts off."""
-    _, on, _ = run(vq_config(coder={"kmeans_init": False}))
-    _, off, _ = run(vq_config(coder={"kmeans_init": False, "restart_after": 0}))
+    _, on, _ = run(vq_config(coder={"init": "random"}))
+    _, off, _ = run(vq_config(coder={"init": "random", "restart_after": 0}))
     assert on["utilisation"] >= 0.95
     assert off["utilisation"] < 0.5 * on["utilisation"], (on, off)
 
@@ -86,7 +86,7 @@ def test_restarts_wait_for_expected_hits_so_a_used_codebook_does_not_churn():
     (one hit per code every 8 steps) restarts about m·e^-8 ≈ 1.4 codes by bad luck, while a code that is
     never hit restarts on time (a rule of 10 idle steps would restart ~29% of the codebook)."""
     m, batch = 4096, 512
-    vq = build("vq", {"d_in": 8, "m": m, "kmeans_init": False, "restart_after": 8}).train()
+    vq = build("vq", {"d_in": 8, "m": m, "init": "random", "restart_after": 8}).train()
     never = 0  # code 0 is never picked: the data is drawn from the other codes
     with torch.no_grad():
         vq.codebook.copy_(torch.randn(m, 8) * 10)
@@ -104,7 +104,7 @@ def test_restarts_wait_for_expected_hits_so_a_used_codebook_does_not_churn():
 
 
 def test_restarts_move_at_most_one_code_per_batch_row_onto_distinct_rows():
-    vq = build("vq", {"d_in": 4, "m": 64, "kmeans_init": False, "restart_after": 1}).train()
+    vq = build("vq", {"d_in": 4, "m": 64, "init": "random", "restart_after": 1}).train()
     vq.since_fired.fill_(10**6)  # every code long dead
     x = torch.randn(16, 4)
     assert vq.restart(x, torch.rand(16)) == 16

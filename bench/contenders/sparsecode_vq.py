@@ -12,7 +12,7 @@ from .sparsecode_topk import sparsecode_trainer
 
 
 def build(sizes: dict[str, int], x: Tensor, dev: torch.device, run: Path, args) -> Contender:
-    coder = {"m": sizes["K"], "kmeans_init": False, "restart_after": 0, "decay": 0.99, "beta": 0.25}
+    coder = {"m": sizes["K"], "init": "random", "restart_after": 0, "decay": 0.99, "beta": 0.25}
     tr = sparsecode_trainer("vq", coder, x, x.shape[0], dev, run, args.train_opt, steps=10**9, init_rows=0)
     return Contender("sparsecode", "sparsecode", tr.train_step,
                      lambda: module_state_bytes(tr.coder, [tr.opt] if tr.opt else []),

@@ -10,6 +10,7 @@ losses: FVU of x̂ = up(ẑ) with ẑ passed straight-through to the down-projec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,20 +20,22 @@ from ..code import Code, decode
 from ..coder import Coder, Output, register
 from ..config import check
 from ..metrics import fvu
-from .kmeans import kmeans
-from .search import SearchConfig, nearest
+from .kmeans import KMeansConfig, kmeans
+from .search import nearest
 
 
 @dataclass
-class FactorizedConfig(SearchConfig):
+class FactorizedConfig(KMeansConfig):
     code_dim: int = 8  # dims of the lookup space
     beta: float = 0.25
-    kmeans_init: bool = True  # codes from k-means of the projected data
+    init: str = "kmeans"  # kmeans (of the projected data) | random: how the codes start
+    legacy: ClassVar[dict] = {"kmeans_init": ("init", {True: "kmeans", False: "random"})}
 
     def validate(self) -> None:
         super().validate()
         check(0 < self.code_dim <= self.d_in, f"code_dim must be in 1..d_in={self.d_in}, got {self.code_dim}")
         check(self.beta >= 0, f"beta must be non-negative, got {self.beta}")
+        check(self.init in ("kmeans", "random"), f"init must be 'kmeans' or 'random', got {self.init!r}")
 
 
 @register("vq_factorized")
@@ -79,6 +82,7 @@ class FactorizedVQ(Coder):
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
         self.up.bias.copy_(x.mean(0))
-        if self.cfg.kmeans_init:
+        if self.cfg.init == "kmeans":
             z = self.project(x)
-            self.codebook.copy_(kmeans(z, self.cfg.m, 10, "cosine", self.generator, self.cfg.search_budget))
+            self.codebook.copy_(kmeans(z, self.cfg.m, self.cfg.kmeans_iters, "cosine", self.generator,
+                                             self.cfg.search_budget))

@@ -16,18 +16,17 @@ from torch import Tensor
 from ..coder import register
 from ..config import check
 from .base import Quantizer, QuantizerConfig, identity_linear
-from .kmeans import kmeans, sample_rows
+from .kmeans import KMeansConfig, kmeans, sample_rows
 
 
 @dataclass
-class FrozenProjectorConfig(QuantizerConfig):
+class FrozenProjectorConfig(QuantizerConfig, KMeansConfig):
     init: str = "kmeans"  # kmeans | samples: how the frozen codebook is drawn from the data
-    kmeans_iters: int = 5
+    kmeans_iters: int = 5  # fewer Lloyd rounds than vq's: the projector corrects the rest
 
     def validate(self) -> None:
         super().validate()
         check(self.init in ("kmeans", "samples"), f"init must be 'kmeans' or 'samples', got {self.init!r}")
-        check(self.kmeans_iters >= 0, f"kmeans_iters must be non-negative, got {self.kmeans_iters}")
 
 
 @register("frozen_projector")

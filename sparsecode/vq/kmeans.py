@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .search import BUDGET, nearest
+from ..config import check
+from .search import BUDGET, SearchConfig, nearest
+
+
+@dataclass
+class KMeansConfig(SearchConfig):
+    """The options of every method that starts from k-means of the data."""
+
+    kmeans_iters: int = 10  # Lloyd iterations after seeding
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.kmeans_iters >= 0, f"kmeans_iters must be non-negative, got {self.kmeans_iters}")
+
 
 PLUSPLUS_MAX_K = 4096  # k-means++ costs K passes over the sample; above this, seed from a random sample
 

@@ -25,17 +25,16 @@ from ..code import Code, decode
 from ..coder import Coder, Output, register
 from ..config import check
 from ..errors import SparsecodeError
-from .kmeans import kmeans
-from .search import SearchConfig, nearest
+from .kmeans import KMeansConfig, kmeans
+from .search import nearest
 
 
 @dataclass
-class KVBottleneckConfig(SearchConfig):
+class KVBottleneckConfig(KMeansConfig):
     m: int = 4096  # keys in all: heads × keys per head
     heads: int = 8
     head_dim: int = 8  # dims of each head's random projection; 0 = split d_in into `heads` equal parts
     d_value: int = 0  # width of the values; 0 = d_in (reconstruction)
-    kmeans_iters: int = 10
 
     def validate(self) -> None:
         super().validate()
@@ -44,7 +43,6 @@ class KVBottleneckConfig(SearchConfig):
         check(self.head_dim > 0 or self.d_in % self.heads == 0,
               f"with head_dim=0, d_in={self.d_in} must be a multiple of heads={self.heads}")
         check(self.d_value >= 0, f"d_value must be non-negative, got {self.d_value}")
-        check(self.kmeans_iters >= 0, f"kmeans_iters must be non-negative, got {self.kmeans_iters}")
 
 
 @register("kvbottleneck")

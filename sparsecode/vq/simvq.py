@@ -3,7 +3,7 @@
 E is a frozen random K×d basis (standard normal / √d, drawn at construction), W one learnable d×d
 linear layer; the codebook loss moves W, hence the whole codebook at once, so codes the data never picks
 still move with the rest. Reading chosen: the layer is a plain `nn.Linear` (with bias, PyTorch's
-default); `init_from_data` (our addition, off with `data_init=False`) sets b to the data mean and W to
+default); `init_from_data` (our addition; `init=random` is the paper's) sets b to the data mean and W to
 `init_scale` times a square root of the data's covariance: a Gaussian cloud of the data's shape. In high
 dimension random codes at the data's full spread are all farther from a row than the mean is, so the few
 codes nearest the centre take every row: on MiniLM activations (d=384, K=1,024, 300 steps) the full
@@ -15,6 +15,7 @@ so the default stays 1.0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -26,12 +27,14 @@ from .base import Quantizer, QuantizerConfig, covariance_root, identity_linear
 
 @dataclass
 class SimVQConfig(QuantizerConfig):
-    data_init: bool = True  # start W, b at the data's mean and (a fraction of) its covariance
+    init: str = "data"  # data (W, b at the data's mean and a fraction of its covariance) | random (the paper's)
+    legacy: ClassVar[dict] = {"data_init": ("init", {True: "data", False: "random"})}
     init_scale: float = 1.0  # the starting cloud's spread, as a fraction of the data's (0.3 for wide real data)
 
     def validate(self) -> None:
         super().validate()
         check(self.init_scale > 0, f"init_scale must be positive, got {self.init_scale}")
+        check(self.init in ("data", "random"), f"init must be 'data' or 'random', got {self.init!r}")
 
 
 @register("simvq")
@@ -50,7 +53,7 @@ class SimVQ(Quantizer):
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
-        if not self.cfg.data_init:
+        if self.cfg.init == "random":
             return
         mean = x.mean(0)
         root = covariance_root(x - mean) * self.cfg.d_in**0.5  # the basis has covariance I/d

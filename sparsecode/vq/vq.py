@@ -13,6 +13,7 @@ step (0.3 at B=1024 for the default 8) rather than churn that grows with m.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -22,24 +23,24 @@ from ..coder import Coder, Output, register
 from ..config import check
 from ..metrics import fvu
 from .base import QuantizerConfig
-from .kmeans import kmeans
+from .kmeans import KMeansConfig, kmeans
 from .search import nearest
 
 
 @dataclass
-class VQConfig(QuantizerConfig):
+class VQConfig(QuantizerConfig, KMeansConfig):
     ema: bool = True  # EMA codebook updates; False trains the codebook by the codebook loss
     decay: float = 0.99
     eps: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
-    kmeans_init: bool = True
-    kmeans_iters: int = 10
+    init: str = "kmeans"  # kmeans | random: how the codebook starts
     restart_after: float = 8.0  # restart a code unused for restart_after·m rows (expected hits); 0 = never
+    legacy: ClassVar[dict] = {"kmeans_init": ("init", {True: "kmeans", False: "random"})}
 
     def validate(self) -> None:
         super().validate()
         check(0 < self.decay < 1, f"decay must be in (0, 1), got {self.decay}")
         check(self.eps > 0, f"eps must be positive, got {self.eps}")
-        check(self.kmeans_iters >= 0, f"kmeans_iters must be non-negative, got {self.kmeans_iters}")
+        check(self.init in ("kmeans", "random"), f"init must be 'kmeans' or 'random', got {self.init!r}")
         check(self.restart_after >= 0, f"restart_after must be non-negative, got {self.restart_after}")
 
 
@@ -85,7 +86,7 @@ class VQ(Coder):
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
-        if not self.cfg.kmeans_init:
+        if self.cfg.init == "random":
             return
         c = kmeans(x, self.cfg.m, self.cfg.kmeans_iters, self.cfg.metric, self.generator, self.cfg.search_budget)
         if self.cfg.metric == "cosine":  # keep the data's scale: codes are means, lookup is normalised

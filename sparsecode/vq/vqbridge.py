@@ -17,6 +17,7 @@ authors anneal to 0.01).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,8 @@ class VQBridgeConfig(QuantizerConfig):
     depth: int = 2
     mlp_ratio: float = 2.0
     train_base: bool = False  # also train the base codebook (the paper keeps it frozen)
-    data_init: bool = True  # start the codebook as a cloud at the data's mean and per-dimension scale
+    init: str = "data"  # data (a cloud at the data's mean and per-dimension scale) | zero (the paper's)
+    legacy: ClassVar[dict] = {"data_init": ("init", {True: "data", False: "zero"})}
 
     def validate(self) -> None:
         super().validate()
@@ -45,6 +47,7 @@ class VQBridgeConfig(QuantizerConfig):
               f"hidden={self.hidden} must be a positive multiple of heads={self.heads}")
         check(self.depth >= 0, f"depth must be non-negative, got {self.depth}")
         check(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        check(self.init in ("data", "zero"), f"init must be 'data' or 'zero', got {self.init!r}")
 
 
 class Block(nn.Module):
@@ -100,7 +103,7 @@ class VQBridge(Quantizer):
         recover weight random at the data's per-dimension scale, so the codes start spread like the data
         rather than all at one point (K=4096, 200 steps on the clustered set: 96% usage against 49%)."""
         cfg = self.cfg
-        if not cfg.data_init:
+        if cfg.init == "zero":
             return
         self.recover.bias.copy_(x.mean(0).repeat(cfg.group))
         scale = x.std(0).repeat(cfg.group)[:, None] / cfg.hidden**0.5  # LayerNorm'd tokens have unit variance
