@@ -31,10 +31,15 @@ def from_dict(cls: type[T], data: dict[str, Any], what: str) -> T:
         ok, data[key] = _conform(data[key], hints[key])
         if not ok:
             raise SparsecodeError(f"{what} option {key!r} must be {_type_name(hints[key])}, got {data[key]!r}")
+    derived = {f.name for f in dataclasses.fields(cls) if not f.init}  # set from other options (fsq: m)
     try:
-        obj = cls(**data)
+        obj = cls(**{k: v for k, v in data.items() if k not in derived})
     except TypeError as e:  # a required field is missing
         raise SparsecodeError(f"{what} config: {e}") from None
+    for key in derived & set(data):  # as saved beside the weights: it must agree with what it derives from
+        if data[key] != getattr(obj, key):
+            raise SparsecodeError(f"{what} option {key!r} follows from the others ({key}={getattr(obj, key)}), "
+                                  f"got {key}={data[key]!r}")
     validate = getattr(obj, "validate", None)
     if validate is not None:
         validate()

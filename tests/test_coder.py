@@ -46,3 +46,12 @@ def test_one_name_for_data_initialisation_and_old_names_still_load():
         build("vq", {"d_in": 8, "m": 16, "init": "data"})
     with pytest.raises(SparsecodeError, match="kmeans_iters must be non-negative"):
         build("frozen_projector", {"d_in": 8, "m": 16, "kmeans_iters": -1})
+
+
+def test_a_derived_option_is_never_rewritten():
+    """FSQ's m follows from its levels: a config that disagrees is refused by name, the caller's dict is kept."""
+    options = {"d_in": 8, "levels": [5, 5, 5]}
+    assert build("fsq", options).cfg.m == 3 and "m" not in options
+    assert build("fsq", {**options, "m": 3}).cfg.m == 3  # as saved beside the weights
+    with pytest.raises(SparsecodeError, match=r"'fsq' option 'm' follows from the others \(m=3\), got m=4"):
+        build("fsq", {**options, "m": 4})

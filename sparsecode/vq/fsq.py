@@ -22,13 +22,14 @@ from .scalar import ScalarQuantizer
 @dataclass
 class FSQConfig(CoderConfig):
     levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # 1000 implicit codes
+    m: int = field(init=False)  # one atom per dimension: len(levels), not an option of its own
+
+    def __post_init__(self) -> None:
+        self.m = len(self.levels)
 
     def validate(self) -> None:
         check(len(self.levels) > 0 and all(int(n) >= 2 for n in self.levels),
               f"levels must be a non-empty list of integers ≥ 2, got {self.levels}")
-        check(self.m in (len(self.levels), CoderConfig.m),
-              f"m is set by levels (m = {len(self.levels)}), got m={self.m}")
-        self.m = len(self.levels)
         super().validate()
 
 
