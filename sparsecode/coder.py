@@ -16,7 +16,11 @@ from .errors import SparsecodeError
 
 @dataclass
 class CoderConfig:
-    """Options every method shares; each method's config subclasses this."""
+    """Options every method shares; each method's config subclasses this.
+
+    One vocabulary across methods: `m` is always the number of atoms a Code indexes (SAE latents, codebook
+    codes, the quantized dimensions of fsq/lfq/latentquant, kvbottleneck's keys over all heads); `k`, where a
+    method has it, is always the most atoms one row's code holds; `init` says how a codebook starts."""
 
     d_in: int = 0  # width of the activations; filled in from the data source when 0
     m: int = 1024  # atoms in the dictionary / codes in the codebook
