@@ -73,7 +73,7 @@ def evaluate(coder: Coder, source: ActivationSource, rows: int = 65536, batch_si
             x, labels = labelled(nc_rows)
             x = x.to(next(iter(coder.buffers())).device, torch.float32)
             result["nc_activations"] = neural_collapse(x, labels.to(x.device))
-            if x.shape[0] * coder.cfg.m <= MAX_NC_CODE_ELEMENTS:  # 4096 rows × 262,144 codes would need ~20 GB
+            if x.shape[0] * coder.cfg.m <= MAX_NC_CODE_ELEMENTS:  # bounded memory
                 result["nc_codes"] = neural_collapse(coder.encode(x).to_dense(), labels.to(x.device))
         posterior = getattr(coder, "posterior", None)
         if posterior is not None:

@@ -16,8 +16,8 @@ from torch import Tensor
 from ..coder import CoderConfig
 from ..config import check
 
-# Default block size in elements (4 MiB of fp32): blocks that stay in cache run 1.3-2.5x faster on CPU
-# than 64 MiB ones (bench: K=65,536, B=1024, d=8 and 256), and they cap the search's extra memory.
+# Default block size in elements (4 MiB of fp32): cache-sized blocks, which also cap the search's extra memory
+# (the measured choice: BENCHMARKS.md, "Notes moved from the code").
 BUDGET = 1 << 20
 
 

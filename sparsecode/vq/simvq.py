@@ -4,12 +4,9 @@ E is a frozen random K×d basis (standard normal / √d, drawn at construction),
 linear layer; the codebook loss moves W, hence the whole codebook at once, so codes the data never picks
 still move with the rest. Reading chosen: the layer is a plain `nn.Linear` (with bias, PyTorch's
 default); `init_from_data` (our addition; `init=random` is the paper's) sets b to the data mean and W to
-`init_scale` times a square root of the data's covariance: a Gaussian cloud of the data's shape. In high
-dimension random codes at the data's full spread are all farther from a row than the mean is, so the few
-codes nearest the centre take every row: on MiniLM activations (d=384, K=1,024, 300 steps) the full
-spread used 1.5% of the codes and `init_scale=0.3` 34% (0.1: 27%, 0.5: 26%; frozen_projector: 77%).
-On the clustered set (d=8) a tight start hurts instead (K=16,384, 30 steps: 29% at 0.3, ≥ 95% at 1.0),
-so the default stays 1.0.
+`init_scale` times a square root of the data's covariance: a Gaussian cloud of the data's shape.
+`init_scale` < 1 tightens the cloud for wide real activations, where codes at the data's full spread are
+all farther from a row than the mean is (BENCHMARKS.md, "Notes moved from the code").
 """
 
 from __future__ import annotations

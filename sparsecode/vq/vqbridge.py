@@ -101,7 +101,7 @@ class VQBridge(Quantizer):
     def init_from_data(self, x: Tensor) -> None:
         """Start the codebook on the data (our addition): the recover bias becomes the data mean and the
         recover weight random at the data's per-dimension scale, so the codes start spread like the data
-        rather than all at one point (K=4096, 200 steps on the clustered set: 96% usage against 49%)."""
+        rather than all at one point (`init=zero`, the paper's start)."""
         cfg = self.cfg
         if cfg.init == "zero":
             return
