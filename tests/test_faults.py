@@ -90,6 +90,7 @@ def test_extending_a_run_survives_a_kill(tmp_path, capsys):
     assert cli(capsys, "train", "--out", str(run), "--resume", "--no-progress")[0] == 0  # no --steps this time
     assert latest_checkpoint(run).name == "step-0000060"
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [20, 40, 60]
+    assert not leftovers(run)  # the half-written step-40 folder was swept when the run resumed
 
 
 HARVEST = ["harvest", "--hook", "transformer.h.0", "--tokens", "300", "--context", "16", "--shard-tokens", "100",
