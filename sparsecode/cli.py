@@ -199,6 +199,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print(f"spliced into MiniLM: {sp['metric']} clean {clean:.4f}, spliced {spliced:.4f}, "
           f"zero-ablated {zero:.4f} -> loss recovered {sp['loss_recovered']:.1%}")
     print(f"run written to {out} (eval.json, metrics.jsonl, checkpoints/)")
+    print(f"next: sparsecode report {out}    (HTML page with the curves and the frequency histogram)\n"
+          f"      sparsecode eval {out} --json    (every held-out figure)\n"
+          f"      sparsecode train --out {out} --resume --steps {2 * a.steps}    (train it further)")
     return 0
 
 
