@@ -20,9 +20,11 @@ def from_dict(cls: type[T], data: dict[str, Any], what: str) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     data = dict(data)
-    for old, (new, values) in getattr(cls, "legacy", {}).items():  # options renamed since a run was saved
-        if old in data and new not in data and data[old] in values:
-            data[new] = values[data.pop(old)]
+    for old, (new, values) in getattr(cls, "legacy", {}).items():  # renamed (new None: dropped) since saved
+        if old in data and (new is None or new not in data) and data[old] in values:
+            value = values[data.pop(old)]
+            if new is not None:
+                data[new] = value
     for key in data:
         if key not in names:
             near = difflib.get_close_matches(key, names, n=1)

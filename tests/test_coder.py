@@ -55,3 +55,10 @@ def test_a_derived_option_is_never_rewritten():
     assert build("fsq", {**options, "m": 3}).cfg.m == 3  # as saved beside the weights
     with pytest.raises(SparsecodeError, match=r"'fsq' option 'm' follows from the others \(m=3\), got m=4"):
         build("fsq", {**options, "m": 4})
+
+
+def test_an_option_dropped_since_a_run_was_saved_still_loads():
+    """vsae's sparse_grad (it could only be false) is gone: old configs holding it load, a true one is refused."""
+    assert not hasattr(build("vsae", {"d_in": 8, "m": 16, "k": 2, "sparse_grad": False}).cfg, "sparse_grad")
+    with pytest.raises(SparsecodeError, match="unknown 'vsae' option 'sparse_grad'"):
+        build("vsae", {"d_in": 8, "m": 16, "k": 2, "sparse_grad": True})

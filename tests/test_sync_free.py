@@ -18,7 +18,7 @@ from sync_guard import HostSync, no_host_sync
 from sparsecode.coder import Coder, build, methods
 from sparsecode.data.source import TensorSource
 from sparsecode.metrics import CodeStats
-from sparsecode.sae.topk import TopKSAE
+from sparsecode.sae.auxk import AuxKSAE as TopKSAE  # every SAE trained with AuxK (topk family, topafa, vsae)
 from sparsecode.train import TrainConfig, Trainer
 
 D, B = 16, 64

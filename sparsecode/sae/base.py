@@ -1,4 +1,5 @@
-"""What every sparse autoencoder shares: tied-at-init encoder/decoder, unit-norm atoms, FVU loss."""
+"""What every sparse autoencoder shares: unit-norm atoms and their decoder (`Dictionary`, also MP's), the
+encoder tied to it at init (`SAE`), with its sparse-gradient path, and the packing of dense activations."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from torch import Tensor, nn
 
 from ..code import Code, decode
 from ..coder import Coder, Output
+from ..kernels.sparse_encoder import picked
+from ..kernels.sparse_encoder import pre_acts as scores
 from ..metrics import fvu, total_variance
 
 
@@ -39,41 +42,24 @@ def per_row_scale(x: Tensor) -> Tensor:
     return (total_variance(x) / x.shape[0]).sqrt()
 
 
-class SAE(Coder):
-    """z = f(W_enc (x − b_dec) + b_enc); x̂ = z · W_dec + b_dec, with the rows of W_dec kept unit-norm."""
+def unit_rows(m: int, d: int) -> Tensor:
+    """[m, d] random atoms of unit norm (one draw of randn(m, d) from the global generator)."""
+    w = torch.randn(m, d)
+    return w / w.norm(dim=1, keepdim=True)
 
-    has_encoder: ClassVar[bool] = True  # False for methods whose encoder is the decoder itself (MP)
+
+class Dictionary(Coder):
+    """x̂ = z · W_dec + b_dec, with the rows of W_dec kept unit-norm: the decoder side every SAE shares.
+
+    Subclasses create `W_dec` [m, d] and `b_dec` [d] (and any encoder) themselves, in their checkpoint order.
+    """
+
     unit_atoms: ClassVar[bool] = True  # False where a penalty uses the decoder norms instead (ReLU + L1)
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        w = torch.randn(cfg.m, cfg.d_in)
-        w /= w.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(w)  # [m, d]: one atom per row
-        if self.has_encoder:
-            self.W_enc = nn.Parameter(w.clone())  # encoder starts as the decoder's transpose
-            self.b_enc = nn.Parameter(torch.zeros(cfg.m))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
-
-    def pre_acts(self, x: Tensor) -> Tensor:
-        """[B, m] dense pre-activations."""
-        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t())
+    W_dec: nn.Parameter
+    b_dec: nn.Parameter
 
     def decode(self, code: Code) -> Tensor:
         return decode(code, self.W_dec, self.b_dec)
-
-    def decode_dense(self, z: Tensor) -> Tensor:
-        """x̂ = z · W_dec + b_dec for dense activations [B, m]: one matmul, the encoder's own cost."""
-        return torch.addmm(self.b_dec, z, self.W_dec)
-
-    def dense_output(self, x: Tensor, z: Tensor, **losses: Tensor) -> Output:
-        """The training pass of a dense encoder: the full-width code of z, decoded by one matmul (no
-        packing, so no host sync), FVU plus `losses`, and usage tracking."""
-        code = full_code(z, self.cfg.m)
-        x_hat = self.decode_dense(z)
-        if self.training:
-            self.track(code)
-        return Output(x_hat, code, {"fvu": fvu(x, x_hat), **losses})
 
     def atoms(self) -> Tensor:
         return self.W_dec
@@ -93,3 +79,41 @@ class SAE(Coder):
     def after_step(self) -> None:
         if self.unit_atoms:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+class SAE(Dictionary):
+    """z = f(W_enc (x − b_dec) + b_enc); the encoder starts as the decoder's transpose."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        w = unit_rows(cfg.m, cfg.d_in)
+        self.W_dec = nn.Parameter(w)  # [m, d]: one atom per row
+        self.W_enc = nn.Parameter(w.clone())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.m))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    def pre_acts(self, x: Tensor, grad: bool = True) -> Tensor:
+        """[B, m] dense pre-activations; `grad=False`: without autograd, scores for a selection whose kept
+        values `attach` makes differentiable (kernels/sparse_encoder.py)."""
+        if not grad:
+            return scores(x - self.b_dec, self.W_enc, self.b_enc)
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t())
+
+    def attach(self, x: Tensor, code: Code) -> Code:
+        """The sparse-gradient path: make a code picked from `pre_acts(x, grad=False)` differentiable in the
+        encoder again, at its slots only (each active value is its pre-activation; inactive slots stay 0)."""
+        values = picked(x - self.b_dec, self.W_enc, self.b_enc, code.indices.clamp_min(0), code.values)
+        return Code(code.indices, values * code.active(), code.size)
+
+    def decode_dense(self, z: Tensor) -> Tensor:
+        """x̂ = z · W_dec + b_dec for dense activations [B, m]: one matmul, the encoder's own cost."""
+        return torch.addmm(self.b_dec, z, self.W_dec)
+
+    def dense_output(self, x: Tensor, z: Tensor, **losses: Tensor) -> Output:
+        """The training pass of a dense encoder: the full-width code of z, decoded by one matmul (no
+        packing, so no host sync), FVU plus `losses`, and usage tracking."""
+        code = full_code(z, self.cfg.m)
+        x_hat = self.decode_dense(z)
+        if self.training:
+            self.track(code)
+        return Output(x_hat, code, {"fvu": fvu(x, x_hat), **losses})

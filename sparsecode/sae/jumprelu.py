@@ -8,7 +8,8 @@ and neither passes a gradient to `pre` through the step (pre gets the plain grad
 
 The encoder is dense. A training step keeps z as [B, m] (its code has all m slots, x̂ is one matmul), so it
 never reads a width back from the device; the reconstruction's gradient reaches the latents that fire (z ≠ 0),
-as it did through the packed code; `encode` packs the non-zeros, which reads the busiest row's count.
+as it did through the packed code; `encode` packs the non-zeros (`select.threshold`), which reads the
+busiest row's count.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch import Tensor, nn
 from ..code import Code
 from ..coder import CoderConfig, Output, register
 from ..config import check
-from .base import SAE, dense_to_code
+from .base import SAE
+from .select import threshold
 
 
 def _rect(u: Tensor) -> Tensor:
@@ -82,8 +84,7 @@ class JumpReLUSAE(SAE):
 
     def encode(self, x: Tensor) -> Code:
         self.check_input(x)
-        pre = self.pre_acts(x)
-        return dense_to_code(pre * (pre > self.log_theta.exp()), self.cfg.m)
+        return threshold(self.pre_acts(x), self.log_theta.exp(), self.cfg.m)
 
     def forward(self, x: Tensor) -> Output:
         self.check_input(x)

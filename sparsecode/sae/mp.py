@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..code import Code
 from ..coder import CoderConfig, register
 from ..config import check
-from .base import SAE
+from .base import Dictionary, unit_rows
 
 
 def matching_pursuit(r: Tensor, atoms: Tensor, steps: int, signed: bool = False,
@@ -55,11 +55,15 @@ class MPConfig(CoderConfig):
 
 
 @register("mp")
-class MPSAE(SAE):
-    """Matching pursuit over the decoder's atoms, T = k steps."""
+class MPSAE(Dictionary):
+    """Matching pursuit over the decoder's atoms, T = k steps: a decoder, no encoder of its own."""
 
     config_class = MPConfig
-    has_encoder = False
+
+    def __init__(self, cfg: MPConfig):
+        super().__init__(cfg)
+        self.W_dec = nn.Parameter(unit_rows(cfg.m, cfg.d_in))  # [m, d]: one atom per row
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
     def encode(self, x: Tensor) -> Code:
         self.check_input(x)

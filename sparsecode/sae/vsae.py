@@ -3,37 +3,40 @@
 The encoder gives μ = W_enc (x − b_dec) + b_enc and log σ² = W_var (x − b_dec) + b_var; training draws
 z = μ + σ·ε (ε from the run's generator, drawn on the training device), keeps its top k after ReLU and adds
 the KL of N(μ, σ²) to N(0, I) over all m latents, kl_coef · mean_b KL_b / (mean squared distance to the
-batch mean). `encode` is deterministic: TopK of μ. AuxK as in TopK. Unlike TopK the encoder's gradient is
-dense: μ and log σ² of all m latents get one, through the KL (and `sparse_grad` must stay false).
+batch mean). `encode` is deterministic: TopK of μ (`select.topk`). AuxK as in TopK (auxk.py), on the
+sample. Unlike TopK the encoder's gradient is dense: μ and log σ² of all m latents get one, through the KL
+(so it has no `sparse_grad` option).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ..code import Code
 from ..coder import Output, register
 from ..config import check
 from ..metrics import total_variance
-from .topk import TopKConfig, TopKSAE
+from . import select
+from .auxk import AuxKConfig, AuxKSAE
 
 
 @dataclass
-class VSAEConfig(TopKConfig):
+class VSAEConfig(AuxKConfig):
+    legacy: ClassVar[dict] = {"sparse_grad": (None, {False: None})}  # dropped: it could only be false
     kl_coef: float = 1e-3
     logvar_init: float = -4.0  # initial log σ² (b_var); W_var starts at zero
-    sparse_grad: bool = False  # the code is picked from a sample, not from the pre-activations
 
     def validate(self) -> None:
         super().validate()
         check(self.kl_coef >= 0, f"kl_coef must be non-negative, got {self.kl_coef}")
-        check(not self.sparse_grad, "vsae picks its code from a sample of q(z|x): sparse_grad must be false")
 
 
 @register("vsae")
-class VSAE(TopKSAE):
+class VSAE(AuxKSAE):
     """TopK SAE whose training code is a reparameterised sample of a diagonal Gaussian."""
 
     config_class = VSAEConfig
@@ -50,14 +53,18 @@ class VSAE(TopKSAE):
         """(μ, log σ²) of q(z | x), [B, m] each: what posterior-collapse diagnostics read."""
         return self.pre_acts(x), self.logvar(x)
 
+    def encode(self, x: Tensor) -> Code:
+        self.check_input(x)
+        return select.topk(self.pre_acts(x), self.cfg.k, self.cfg.m)
+
     def forward(self, x: Tensor) -> Output:
         self.check_input(x)
         mu = self.pre_acts(x)
         if not self.training:
-            return self.output(x, mu, self.select(mu))
+            return self.sparse_output(x, mu, select.topk(mu, self.cfg.k, self.cfg.m), select.RELU_TOPK, False)
         logvar = self.logvar(x)
         z = mu + (0.5 * logvar).exp() * self.randn(*mu.shape, device=mu.device)
-        out = self.output(x, z, self.select(z))
+        out = self.sparse_output(x, z, select.topk(z, self.cfg.k, self.cfg.m), select.RELU_TOPK, False)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum()
         out.losses["kl"] = self.cfg.kl_coef * kl / total_variance(x)
         return out
