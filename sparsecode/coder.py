@@ -33,6 +33,17 @@ class CoderConfig:
 
 
 @dataclass
+class SparseConfig(CoderConfig):
+    """Options of every method whose code holds at most `k` atoms per row."""
+
+    k: int = 32  # most atoms in one row's code
+
+    def validate(self) -> None:
+        super().validate()
+        check(0 < self.k <= self.m, f"k must be in 1..m={self.m}, got k={self.k}")
+
+
+@dataclass
 class Output:
     """What a training forward pass returns: the trainer minimises the sum of `losses`."""
 

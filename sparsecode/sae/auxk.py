@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..code import Code, decode
-from ..coder import CoderConfig, Output
+from ..coder import Output, SparseConfig
 from ..config import check
 from ..metrics import fvu, total_variance
 from .base import SAE
@@ -21,14 +21,13 @@ from .select import Rule
 
 
 @dataclass
-class AuxKConfig(CoderConfig):
+class AuxKConfig(SparseConfig):
     k: int = 32  # active latents per token
     aux_k: int | None = None  # dead latents used by AuxK; None → d_in // 2
     aux_coef: float = 1 / 32
 
     def validate(self) -> None:
         super().validate()
-        check(0 < self.k <= self.m, f"k must be in 1..m={self.m}, got k={self.k}")
         check(self.aux_k is None or self.aux_k > 0, f"aux_k must be positive, got {self.aux_k}")
         check(self.aux_coef >= 0, f"aux_coef must be non-negative, got {self.aux_coef}")
 

@@ -18,20 +18,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..code import Code, decode
-from ..coder import Coder, CoderConfig, Output, register
+from ..coder import Coder, Output, SparseConfig, register
 from ..config import check
 from .mp import matching_pursuit
 
 
 @dataclass
-class ITDAConfig(CoderConfig):
+class ITDAConfig(SparseConfig):
     k: int = 32  # matching-pursuit steps
     max_error: float = 0.3  # relative ℓ2 error above which a row joins the dictionary
     chunk: int = 64  # rows approximated together before the dictionary grows
 
     def validate(self) -> None:
         super().validate()
-        check(0 < self.k <= self.m, f"k must be in 1..m={self.m}, got {self.k}")
         check(0 < self.max_error < 1, f"max_error must be in (0, 1), got {self.max_error}")
         check(self.chunk > 0, f"chunk must be positive, got {self.chunk}")
 

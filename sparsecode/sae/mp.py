@@ -15,8 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..code import Code
-from ..coder import CoderConfig, register
-from ..config import check
+from ..coder import SparseConfig, register
 from .base import Dictionary, unit_rows
 
 
@@ -46,12 +45,8 @@ def matching_pursuit(r: Tensor, atoms: Tensor, steps: int, signed: bool = False,
 
 
 @dataclass
-class MPConfig(CoderConfig):
+class MPConfig(SparseConfig):
     k: int = 32  # T, the pursuit steps (the most active slots per row)
-
-    def validate(self) -> None:
-        super().validate()
-        check(0 < self.k <= self.m, f"k (pursuit steps) must be in 1..m={self.m}, got {self.k}")
 
 
 @register("mp")

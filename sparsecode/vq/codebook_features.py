@@ -12,19 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from ..code import Code, decode
-from ..coder import Coder, register
-from ..config import check
+from ..coder import Coder, SparseConfig, register
 from .kmeans import sample_rows
 from .search import SearchConfig, most_similar
 
 
 @dataclass
-class CodebookFeaturesConfig(SearchConfig):
+class CodebookFeaturesConfig(SearchConfig, SparseConfig):
     k: int = 8  # codes summed per row
-
-    def validate(self) -> None:
-        super().validate()
-        check(0 < self.k <= self.m, f"k must be in 1..m={self.m}, got k={self.k}")
 
 
 @register("codebook_features")
