@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .code import Code
-from .config import check, from_dict
+from .config import check, from_dict, positive
 from .errors import SparsecodeError
 
 
@@ -27,9 +27,9 @@ class CoderConfig:
     dead_tokens: int = 1_000_000  # an atom that has not fired for this many tokens counts as dead
 
     def validate(self) -> None:
-        check(self.d_in > 0, f"d_in must be positive, got {self.d_in}")
+        positive(self, "d_in")
         check(self.m > 0, f"m (dictionary size) must be positive, got {self.m}")
-        check(self.dead_tokens > 0, f"dead_tokens must be positive, got {self.dead_tokens}")
+        positive(self, "dead_tokens")
 
 
 @dataclass

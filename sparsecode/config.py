@@ -131,6 +131,18 @@ def check(cond: bool, message: str) -> None:
         raise SparsecodeError(message)
 
 
+def positive(cfg: Any, *names: str) -> None:
+    """Check that each named option of `cfg` is > 0, naming the first that is not."""
+    for name in names:
+        check(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
+
+
+def non_negative(cfg: Any, *names: str) -> None:
+    """Check that each named option of `cfg` is >= 0, naming the first that is not."""
+    for name in names:
+        check(getattr(cfg, name) >= 0, f"{name} must be non-negative, got {getattr(cfg, name)}")
+
+
 def derive_seed(seed: int, tag: str) -> int:
     """An independent seed for each use of a run's seed (model init, data, sampling...)."""
     import zlib

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ck
 from .coder import Coder, build, get_method
-from .config import check, derive_seed, from_dict, to_dict
+from .config import check, derive_seed, from_dict, non_negative, positive, to_dict
 from .data.source import ActivationSource, SourceConfig, open_source
 from .device import pick_device
 from .errors import SparsecodeError
@@ -60,15 +60,13 @@ class TrainConfig:
 
     def validate(self) -> None:
         get_method(self.method)
-        check(self.steps > 0, f"steps must be positive, got {self.steps}")
-        check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
+        positive(self, "steps", "batch_size")
         check(self.lr > 0 and math.isfinite(self.lr), f"lr must be positive, got {self.lr}")
-        check(self.warmup_steps >= 0, f"warmup_steps must be non-negative, got {self.warmup_steps}")
+        non_negative(self, "warmup_steps")
         check(self.decay in ("cosine", "linear", "constant"),
               f"decay must be cosine, linear or constant, got {self.decay!r}")
         check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        check(self.grad_clip >= 0, f"grad_clip must be non-negative, got {self.grad_clip}")
-        check(self.init_rows >= 0, f"init_rows must be non-negative, got {self.init_rows}")
+        non_negative(self, "grad_clip", "init_rows")
         check(self.log_every > 0 and self.ckpt_every > 0, "log_every and ckpt_every must be positive")
         check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
               f"device must be auto, cpu or cuda[:N], got {self.device!r}")

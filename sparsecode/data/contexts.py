@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import check
+from ..config import check, positive
 from ..model import Hooked
 from .corpus import DEFAULT_CORPUS, Corpus
 
@@ -145,7 +145,7 @@ class ModelSpec:
     def validate(self) -> None:
         check(self.hook_point in ("output", "input"), f"hook point must be output or input, got {self.hook_point!r}")
         check(self.context >= 2, f"context must be at least 2, got {self.context}")
-        check(self.batch_contexts > 0, f"batch_contexts must be positive, got {self.batch_contexts}")
+        positive(self, "batch_contexts")
 
 
 def batches(contexts: Iterator[Context], size: int, limit: int) -> Iterator[list[Context]]:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import check
+from ..config import check, positive
 from ..device import pick_device
 from ..files import writing
 from ..model import Hooked, load_model
@@ -35,10 +35,10 @@ class HarvestConfig(ModelSpec):
     def validate(self) -> None:
         super().validate()
         check(bool(self.out), "a harvest needs an output folder (--out)")
-        check(self.tokens > 0, f"tokens must be positive, got {self.tokens}")
+        positive(self, "tokens")
         check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check(self.file_format in FORMATS, f"format must be one of {', '.join(FORMATS)}, got {self.file_format!r}")
-        check(self.shard_tokens > 0, f"shard_tokens must be positive, got {self.shard_tokens}")
+        positive(self, "shard_tokens")
 
 
 def harvest(cfg: HarvestConfig, progress: bool = False,

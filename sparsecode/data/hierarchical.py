@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import check, derive_seed, from_dict
+from ..config import check, derive_seed, from_dict, non_negative
 from .source import SourceConfig, register_source
 
 
@@ -38,7 +38,7 @@ class HierarchicalConfig:
         check(0 <= self.child_cos < 1, f"child_cos must be in [0, 1), got {self.child_cos}")
         check(0 < self.p_parent <= 1 and 0 <= self.p_child <= 1, "p_parent must be in (0, 1], p_child in [0, 1]")
         check(0 <= self.coef_min <= self.coef_max, "need 0 <= coef_min <= coef_max")
-        check(self.noise >= 0, f"noise must be non-negative, got {self.noise}")
+        non_negative(self, "noise")
 
 
 class Hierarchical:

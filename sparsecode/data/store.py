@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from ..config import check, derive_seed, from_dict
+from ..config import check, derive_seed, from_dict, positive
 from ..errors import SparsecodeError
 from ..files import (
     atomic_write,
@@ -269,7 +269,7 @@ class StoreOptions:
     verify: bool = True  # check each shard's sha256 when first opened
 
     def validate(self) -> None:
-        check(self.chunk_rows > 0, f"chunk_rows must be positive, got {self.chunk_rows}")
+        positive(self, "chunk_rows")
         check(self.buffer_rows >= self.chunk_rows, "buffer_rows must be at least chunk_rows")
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import check, derive_seed, from_dict
+from ..config import check, derive_seed, from_dict, positive
 from ..device import pick_device
 from ..model import Hooked, load_model
 from .contexts import Context, Layout, ModelSpec, pack, run_contexts
@@ -37,7 +37,7 @@ class StreamConfig(ModelSpec):
 
     def validate(self) -> None:
         super().validate()
-        check(self.buffer_rows > 0, f"buffer_rows must be positive, got {self.buffer_rows}")
+        positive(self, "buffer_rows")
 
 
 class ModelStream:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import check, derive_seed, from_dict
+from ..config import check, derive_seed, from_dict, non_negative
 from .source import SourceConfig, register_source
 
 
@@ -45,7 +45,7 @@ class ClustersConfig:
 
     def validate(self) -> None:
         check(self.d > 0 and self.n_clusters > 0, "d and n_clusters must be positive")
-        check(self.spread >= 0, f"spread must be non-negative, got {self.spread}")
+        non_negative(self, "spread")
 
 
 class SparseFeatures:

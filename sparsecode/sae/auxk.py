@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..code import Code, decode
 from ..coder import Output, SparseConfig
-from ..config import check
+from ..config import check, non_negative
 from ..metrics import fvu, total_variance
 from .base import SAE
 from .select import Rule
@@ -29,7 +29,7 @@ class AuxKConfig(SparseConfig):
     def validate(self) -> None:
         super().validate()
         check(self.aux_k is None or self.aux_k > 0, f"aux_k must be positive, got {self.aux_k}")
-        check(self.aux_coef >= 0, f"aux_coef must be non-negative, got {self.aux_coef}")
+        non_negative(self, "aux_coef")
 
 
 class AuxKSAE(SAE):

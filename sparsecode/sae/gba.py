@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..code import Code
 from ..coder import CoderConfig, Output, register
-from ..config import check
+from ..config import check, positive
 from .base import SAE, dense_to_code
 
 
@@ -45,7 +45,7 @@ class GBAConfig(CoderConfig):
         check(0 < self.freq_min <= self.freq_max <= 1,
               f"need 0 < freq_min <= freq_max <= 1, got {self.freq_min} and {self.freq_max}")
         check(0 < self.gamma < 1, f"gamma must be in (0, 1), got {self.gamma}")
-        check(self.adapt_every > 0, f"adapt_every must be positive, got {self.adapt_every}")
+        positive(self, "adapt_every")
 
 
 @register("gba")

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..code import Code, decode
 from ..coder import Coder, Output, SparseConfig, register
-from ..config import check
+from ..config import check, positive
 from .mp import matching_pursuit
 
 
@@ -32,7 +32,7 @@ class ITDAConfig(SparseConfig):
     def validate(self) -> None:
         super().validate()
         check(0 < self.max_error < 1, f"max_error must be in (0, 1), got {self.max_error}")
-        check(self.chunk > 0, f"chunk must be positive, got {self.chunk}")
+        positive(self, "chunk")
 
 
 @register("itda")

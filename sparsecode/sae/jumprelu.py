@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..code import Code
 from ..coder import CoderConfig, Output, register
-from ..config import check
+from ..config import non_negative, positive
 from .base import SAE
 from .select import threshold
 
@@ -67,9 +67,8 @@ class JumpReLUConfig(CoderConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(self.l0_coef >= 0, f"l0_coef must be non-negative, got {self.l0_coef}")
-        check(self.bandwidth > 0, f"bandwidth must be positive, got {self.bandwidth}")
-        check(self.theta_init > 0, f"theta_init must be positive, got {self.theta_init}")
+        non_negative(self, "l0_coef")
+        positive(self, "bandwidth", "theta_init")
 
 
 @register("jumprelu")

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..code import Code
 from ..coder import CoderConfig, Output, register
-from ..config import check
+from ..config import non_negative
 from .base import SAE, dense_to_code, per_row_scale
 
 
@@ -27,7 +27,7 @@ class ReLUConfig(CoderConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(self.l1_coef >= 0, f"l1_coef must be non-negative, got {self.l1_coef}")
+        non_negative(self, "l1_coef")
 
 
 @register("relu")

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..code import Code
 from ..coder import Output, register
-from ..config import check
+from ..config import non_negative
 from ..metrics import total_variance
 from . import select
 from .auxk import AuxKConfig, AuxKSAE
@@ -33,7 +33,7 @@ class TopAFAConfig(AuxKConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(self.afa_coef >= 0, f"afa_coef must be non-negative, got {self.afa_coef}")
+        non_negative(self, "afa_coef")
 
 
 @register("topafa")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..code import Code
 from ..coder import Output, register
-from ..config import check
+from ..config import non_negative
 from ..metrics import total_variance
 from . import select
 from .auxk import AuxKConfig, AuxKSAE
@@ -32,7 +32,7 @@ class VSAEConfig(AuxKConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(self.kl_coef >= 0, f"kl_coef must be non-negative, got {self.kl_coef}")
+        non_negative(self, "kl_coef")
 
 
 @register("vsae")

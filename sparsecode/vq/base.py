@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..code import Code, decode
 from ..coder import Coder, Output
-from ..config import check
+from ..config import check, non_negative
 from ..metrics import fvu
 from .search import SearchConfig, nearest
 
@@ -47,7 +47,7 @@ class QuantizerConfig(SearchConfig):
     def validate(self) -> None:
         super().validate()
         check(self.metric in ("l2", "cosine"), f"metric must be 'l2' or 'cosine', got {self.metric!r}")
-        check(self.beta >= 0, f"beta must be non-negative, got {self.beta}")
+        non_negative(self, "beta")
 
 
 class Quantizer(Coder):

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..code import Code, decode
 from ..coder import Coder, Output, register
-from ..config import check
+from ..config import check, non_negative
 from ..metrics import fvu
 from .kmeans import KMeansConfig, kmeans
 from .search import nearest
@@ -34,7 +34,7 @@ class FactorizedConfig(KMeansConfig):
     def validate(self) -> None:
         super().validate()
         check(0 < self.code_dim <= self.d_in, f"code_dim must be in 1..d_in={self.d_in}, got {self.code_dim}")
-        check(self.beta >= 0, f"beta must be non-negative, got {self.beta}")
+        non_negative(self, "beta")
         check(self.init in ("kmeans", "random"), f"init must be 'kmeans' or 'random', got {self.init!r}")
 
 

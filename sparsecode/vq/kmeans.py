@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import check
+from ..config import non_negative
 from .search import BUDGET, SearchConfig, nearest
 
 
@@ -20,7 +20,7 @@ class KMeansConfig(SearchConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(self.kmeans_iters >= 0, f"kmeans_iters must be non-negative, got {self.kmeans_iters}")
+        non_negative(self, "kmeans_iters")
 
 
 PLUSPLUS_MAX_K = 4096  # k-means++ costs K passes over the sample; above this, seed from a random sample

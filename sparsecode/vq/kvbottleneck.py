@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..code import Code, decode
 from ..coder import Coder, Output, register
-from ..config import check
+from ..config import check, non_negative
 from ..errors import SparsecodeError
 from .kmeans import KMeansConfig, kmeans
 from .search import nearest
@@ -42,7 +42,7 @@ class KVBottleneckConfig(KMeansConfig):
         check(0 <= self.head_dim <= self.d_in, f"head_dim must be in 0..d_in={self.d_in}, got {self.head_dim}")
         check(self.head_dim > 0 or self.d_in % self.heads == 0,
               f"with head_dim=0, d_in={self.d_in} must be a multiple of heads={self.heads}")
-        check(self.d_value >= 0, f"d_value must be non-negative, got {self.d_value}")
+        non_negative(self, "d_value")
 
 
 @register("kvbottleneck")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..coder import CoderConfig, register
-from ..config import check
+from ..config import check, non_negative
 from .scalar import ScalarQuantizer
 
 
@@ -29,7 +29,7 @@ class LFQConfig(CoderConfig):
     def validate(self) -> None:
         super().validate()
         check(self.mode in ("sign", "bernoulli"), f"mode must be 'sign' or 'bernoulli', got {self.mode!r}")
-        check(self.entropy_weight >= 0, f"entropy_weight must be non-negative, got {self.entropy_weight}")
+        non_negative(self, "entropy_weight")
 
 
 def bit_entropy(p: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..coder import register
-from ..config import check
+from ..config import check, positive
 from .base import Quantizer, QuantizerConfig, covariance_root, identity_linear
 
 
@@ -30,7 +30,7 @@ class SimVQConfig(QuantizerConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(self.init_scale > 0, f"init_scale must be positive, got {self.init_scale}")
+        positive(self, "init_scale")
         check(self.init in ("data", "random"), f"init must be 'data' or 'random', got {self.init!r}")
 
 

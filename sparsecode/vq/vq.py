@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..code import Code, decode
 from ..coder import Coder, Output, register
-from ..config import check
+from ..config import check, non_negative, positive
 from ..metrics import fvu
 from .base import QuantizerConfig
 from .kmeans import KMeansConfig, kmeans
@@ -39,9 +39,9 @@ class VQConfig(QuantizerConfig, KMeansConfig):
     def validate(self) -> None:
         super().validate()
         check(0 < self.decay < 1, f"decay must be in (0, 1), got {self.decay}")
-        check(self.eps > 0, f"eps must be positive, got {self.eps}")
+        positive(self, "eps")
         check(self.init in ("kmeans", "random"), f"init must be 'kmeans' or 'random', got {self.init!r}")
-        check(self.restart_after >= 0, f"restart_after must be non-negative, got {self.restart_after}")
+        non_negative(self, "restart_after")
 
 
 @register("vq")

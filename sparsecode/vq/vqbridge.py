@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..coder import register
-from ..config import check
+from ..config import check, non_negative, positive
 from .base import Quantizer, QuantizerConfig
 
 
@@ -45,8 +45,8 @@ class VQBridgeConfig(QuantizerConfig):
               f"m={self.m} must be a multiple of group={self.group}")
         check(self.hidden > 0 and self.heads > 0 and self.hidden % self.heads == 0,
               f"hidden={self.hidden} must be a positive multiple of heads={self.heads}")
-        check(self.depth >= 0, f"depth must be non-negative, got {self.depth}")
-        check(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        non_negative(self, "depth")
+        positive(self, "mlp_ratio")
         check(self.init in ("data", "zero"), f"init must be 'data' or 'zero', got {self.init!r}")
 
 
