@@ -174,11 +174,7 @@ class Trainer:
             self.load_state_dict(state)
             self._truncate_log()
             return
-        foreign = [p.name for p in run.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp")] \
-            if run.is_dir() else []
-        if foreign:
-            raise SparsecodeError(f"{run} exists and is not a sparsecode run (it holds {', '.join(sorted(foreign)[:3])}"
-                                  f"); pick a new --out")
+        check_run_folder(run)
         run.mkdir(parents=True, exist_ok=True)
         sweep_temps(run)
         shutil.rmtree(run / "checkpoints", ignore_errors=True)  # no LATEST: nothing in it is complete
@@ -306,9 +302,19 @@ def train(cfg: TrainConfig, run: Path, source: ActivationSource | None = None, r
     The run folder is locked for this writer; one this call created is removed again if training stops
     before its first checkpoint."""
     trainer = Trainer(cfg, run, source, progress)  # the config and the source are checked before any write
+    check_run_folder(Path(run))  # a folder of other files gets no lock file either
     with writing(run, "run", keep=lambda: (Path(run) / "checkpoints" / "LATEST").is_file()):
         trainer.start(resume)
         return trainer.fit(on_step)
+
+
+def check_run_folder(run: Path) -> None:
+    """Refuse an existing folder that holds files a run does not write (it is not a run: pick another)."""
+    foreign = [p.name for p in run.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp")] \
+        if run.is_dir() else []
+    if foreign:
+        raise SparsecodeError(f"{run} exists and is not a sparsecode run (it holds {', '.join(sorted(foreign)[:3])}"
+                              f"); pick a new --out")
 
 
 def load_config(run: Path) -> TrainConfig:

@@ -320,3 +320,15 @@ def test_a_nan_first_batch_leaves_no_run(tmp_path, capsys):
     assert code == 2
     one_line(err, "NaN or inf")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_of_other_files_is_refused_and_left_untouched(harvest_args, tmp_path, capsys):
+    """--out naming someone's folder: one line, and not even a lock file is added to it."""
+    for args, what in (([*TRAIN], "not a sparsecode run"), (harvest_args, "is not a store")):
+        mine = tmp_path / what.replace(" ", "_")
+        mine.mkdir()
+        (mine / "notes.txt").write_text("mine")
+        code, err = cli(capsys, *args, "--out", str(mine))
+        assert code == 2
+        one_line(err, what)
+        assert [p.name for p in mine.iterdir()] == ["notes.txt"]

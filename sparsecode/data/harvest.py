@@ -19,7 +19,7 @@ from ..files import writing
 from ..model import Hooked, load_model
 from .contexts import Layout, ModelSpec, batches, pack, run_contexts
 from .corpus import Corpus, open_corpus
-from .store import DTYPES, FORMATS, StoreWriter, has_shards
+from .store import DTYPES, FORMATS, StoreWriter, check_store_folder, has_shards
 
 
 @dataclass
@@ -55,6 +55,7 @@ def harvest(cfg: HarvestConfig, progress: bool = False,
     header = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "tokens")}
     header.update(model_revision=revision, corpus_fingerprint=corpus.fingerprint(), tokens_requested=cfg.tokens)
     out = Path(cfg.out)
+    check_store_folder(out)  # a folder of other files gets no lock file either
     with writing(out, "store", keep=lambda: has_shards(out)):  # everything above was checked before this
         return _harvest_into(StoreWriter(out, header, cfg.shard_tokens), cfg, corpus, tokenizer, hooked, layout,
                              progress, on_shard)

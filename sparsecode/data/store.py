@@ -68,9 +68,8 @@ class StoreWriter:
             for shard in self.manifest["shards"]:
                 verify_shard(self.path, shard)
             sweep_temps(self.path)  # left by a harvest killed mid-write
-        elif self.path.exists() and not only_lock_left(self.path):
-            raise SparsecodeError(f"{self.path} exists and is not a store (no {MANIFEST}); pick a new --out")
         else:  # a new store, or one whose harvest was killed before its first manifest: start it afresh
+            check_store_folder(self.path)
             self.path.mkdir(parents=True, exist_ok=True)
             sweep_temps(self.path)
             self.manifest = {"version": VERSION, **header, "d": None, "complete": False, "tokens": 0,
@@ -140,6 +139,13 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
+
+
+def check_store_folder(path: Path) -> None:
+    """Refuse an existing folder that is neither a (partial) store nor left empty by a killed harvest."""
+    path = Path(path)
+    if path.exists() and not (path / MANIFEST).is_file() and not only_lock_left(path):
+        raise SparsecodeError(f"{path} exists and is not a store (no {MANIFEST}); pick a new --out")
 
 
 def has_shards(path: Path) -> bool:
