@@ -114,6 +114,19 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(a: argparse.Namespace) -> int:
+    from .diagnose.doctor import as_dicts
+    from .evaluate import diagnose_run
+
+    findings = diagnose_run(Path(a.run), a.data, a.rows)
+    if a.json:
+        print(json.dumps(as_dicts(findings)))
+    else:
+        print("\n".join(f.lines() for f in findings) or "no collapse found: every atom fires on held-out rows, "
+                                                       "restarts settled and the loss fell")
+    return 0
+
+
 def cmd_report(a: argparse.Namespace) -> int:
     from .evaluate import run_eval
     from .report import write_report
@@ -200,6 +213,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
           f"zero-ablated {zero:.4f} -> loss recovered {sp['loss_recovered']:.1%}")
     print(f"run written to {out} (eval.json, metrics.jsonl, checkpoints/)")
     print(f"next: sparsecode report {out}    (HTML page with the curves and the frequency histogram)\n"
+          f"      sparsecode diagnose {out}    (what collapsed, why, and what to change)\n"
           f"      sparsecode eval {out} --json    (every held-out figure)\n"
           f"      sparsecode train --out {out} --resume --steps {2 * a.steps}    (train it further)")
     return 0
@@ -242,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=4096)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("diagnose", help="what collapsed in a run, the likely cause and the change to make")
+    g.add_argument("run")
+    g.add_argument("--data", help="a .npy file or store to read rows from instead of the run's held-out split")
+    g.add_argument("--rows", type=int, default=4096, help="held-out rows to check the code on")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(fn=cmd_diagnose)
 
     r = sub.add_parser("report", help="write a self-contained HTML report of a run (plots included)")
     r.add_argument("run")

@@ -11,8 +11,9 @@ from .checkpoint import load_coder
 from .coder import Coder
 from .data.source import ActivationSource, open_source, source_from_spec
 from .diagnose import active_units, code_infomec, neural_collapse
+from .diagnose.doctor import Finding, diagnose
 from .errors import SparsecodeError
-from .files import atomic_write_json, read_json
+from .files import atomic_write_json, read_json, read_jsonl
 from .metrics import CodeStats, atom_cosines, effective_rank, frequency_histogram, perplexity, recovery
 from .splice import splice_store
 from .train import load_config
@@ -117,3 +118,21 @@ def run_eval(run: Path, rows: int = 65536, splice_contexts: int = 16) -> dict[st
     if not (Path(run) / "eval.json").is_file():
         return evaluate_run(run, rows=rows, splice_contexts=splice_contexts)
     return read_json(Path(run) / "eval.json")
+
+
+def diagnose_run(run: Path, data: str | None = None, rows: int = 4096) -> list[Finding]:
+    """The collapse doctor on a run folder: its config, log, last checkpoint and held-out rows (or `data`)."""
+    run = Path(run)
+    cfg = load_config(run)
+    coder = load_coder(run)
+    log = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+    if data:
+        src_cfg = source_from_spec(data, None, cfg.source.seed)
+        src_cfg.heldout = 0.0
+        source = open_source(src_cfg, "train")
+    elif cfg.source.kind == "memory":
+        raise SparsecodeError(f"run {run} was trained on in-memory data; diagnose it with --data FILE.npy")
+    else:
+        source = open_source(cfg.source, "eval")
+    x = next(batches(coder, source, rows, rows))
+    return diagnose(cfg, log, coder, x)
