@@ -80,3 +80,25 @@ def test_the_command_prints_cause_figure_and_fix(tmp_path, capsys):
     assert {"what", "cause", "figure", "fix"} <= set(findings[0])
     assert main(["diagnose", str(tmp_path / "nowhere")]) == 2
     torch.set_num_threads(torch.get_num_threads())
+
+
+def test_an_inference_threshold_off_its_l0_target(tmp_path):
+    """A batchtopk run whose threshold is set to give L0 = k on the held-out rows is healthy; halving it is not."""
+    from sparsecode.checkpoint import latest_checkpoint, load_coder, load_state, save_checkpoint
+    from sparsecode.data.source import open_source
+
+    with one_thread():
+        cfg = TrainConfig(method="batchtopk", coder={"m": 128, "k": 4, "dead_tokens": 5000}, source=FEATURES,
+                          steps=60, batch_size=256, lr=2e-3, log_every=10)
+        train(cfg, tmp_path / "run")
+    coder = load_coder(tmp_path / "run")
+    x = open_source(FEATURES, "eval").next_batch(4096)
+    with torch.no_grad():
+        pre = coder.pre_acts(x).relu().flatten()
+    step, state = load_state(latest_checkpoint(tmp_path / "run"))
+    for theta, off in ((pre.topk(4 * 4096).values[-1], False), (pre.topk(4 * 4096).values[-1] / 2, True)):
+        coder.threshold.fill_(float(theta))
+        save_checkpoint(tmp_path / "run", step, coder, state)
+        found = [f for f in diagnose_run(tmp_path / "run") if "inference L0" in f.what]
+        assert bool(found) == off, found
+    assert "held-out L0" in found[0].figure and "for k = 4" in found[0].figure

@@ -18,6 +18,7 @@ UNUSED = 0.01  # share of atoms that never fire on the sample above which they a
 DOMINANT = 0.5  # share of the variance in one dimension above which the data counts as dominated by it
 NORM_RATIO = 2.0  # codes whose median norm is this far (either way) from the rows' count as mis-scaled
 CHURN = 1e-3  # restarts per step, as a share of the codebook, above which restarts have not settled
+L0_TOLERANCE = 0.1  # an inference threshold whose held-out L0 is further than this share from k is off target
 
 
 @dataclass
@@ -113,7 +114,21 @@ def loss_curve(cfg: Any, log: list[dict[str, Any]], coder: Coder, x: Tensor) -> 
     return []
 
 
-CHECKS = (unused_atoms, churning_restarts, loss_curve)
+def threshold_off_target(cfg: Any, log: list[dict[str, Any]], coder: Coder, x: Tensor) -> list[Finding]:
+    """An inference threshold (batchtopk, matryoshka) whose held-out L0 is off the k the run trained at."""
+    theta, k = getattr(coder, "threshold", None), getattr(coder.cfg, "k", None)
+    if not isinstance(theta, Tensor) or theta.numel() != 1 or k is None or float(theta) < 0:
+        return []
+    with torch.no_grad():
+        l0 = float(coder.eval().encode(x).l0().float().mean())
+    if abs(l0 - k) <= L0_TOLERANCE * k:
+        return []
+    return [Finding("an inference L0 off its target", "the inference threshold does not give the k it trained at",
+                    f"held-out L0 {l0:.1f} for k = {k} (threshold {float(theta):.4g})",
+                    "train longer or raise threshold_decay, so the threshold settles where L0 = k")]
+
+
+CHECKS = (unused_atoms, churning_restarts, loss_curve, threshold_off_target)
 
 
 def diagnose(cfg: Any, log: list[dict[str, Any]], coder: Coder, x: Tensor) -> list[Finding]:
