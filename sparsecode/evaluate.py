@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint import load_coder
 from .coder import Coder
-from .data.source import ActivationSource, open_source, source_from_spec
+from .data.source import ActivationSource, SourceConfig, open_source, source_from_spec
 from .diagnose import active_units, code_infomec, neural_collapse
 from .diagnose.doctor import Finding, diagnose
 from .errors import SparsecodeError
@@ -90,22 +90,24 @@ def evaluate(coder: Coder, source: ActivationSource, rows: int = 65536, batch_si
     return result
 
 
+def held_out_source(run: Path, cfg: Any, data: str | None, verb: str) -> tuple[SourceConfig, ActivationSource]:
+    """(config, opened source) of a run's held-out split, or of all of `data` (a .npy file or store)."""
+    if data:
+        src_cfg = source_from_spec(data, None, cfg.source.seed)
+        src_cfg.heldout = 0.0
+        return src_cfg, open_source(src_cfg, "train")
+    if cfg.source.kind == "memory":
+        raise SparsecodeError(f"run {run} was trained on in-memory data; {verb} it with --data FILE.npy")
+    return cfg.source, open_source(cfg.source, "eval")
+
+
 def evaluate_run(run: Path, data: str | None = None, rows: int = 65536, batch_size: int = 4096,
                  splice_contexts: int = 16) -> dict[str, Any]:
     """Evaluate a run folder on its held-out split (or on `data`, a .npy file or store), splice a store's
     code into its model, and save the result as the run's eval.json."""
     run = Path(run)
-    cfg = load_config(run)
-    coder = load_coder(run)
-    if data:
-        src_cfg = source_from_spec(data, None, cfg.source.seed)
-        src_cfg.heldout = 0.0
-        source = open_source(src_cfg, "train")
-    elif cfg.source.kind == "memory":
-        raise SparsecodeError(f"run {run} was trained on in-memory data; evaluate it with --data FILE.npy")
-    else:
-        src_cfg = cfg.source
-        source = open_source(cfg.source, "eval")
+    cfg, coder = load_config(run), load_coder(run)
+    src_cfg, source = held_out_source(run, cfg, data, "evaluate")
     result = evaluate(coder, source, rows=rows, batch_size=batch_size)
     if src_cfg.kind == "store" and splice_contexts > 0:
         result["spliced"] = splice_store(coder, src_cfg.path, src_cfg.heldout, splice_contexts)
@@ -123,16 +125,8 @@ def run_eval(run: Path, rows: int = 65536, splice_contexts: int = 16) -> dict[st
 def diagnose_run(run: Path, data: str | None = None, rows: int = 4096) -> list[Finding]:
     """The collapse doctor on a run folder: its config, log, last checkpoint and held-out rows (or `data`)."""
     run = Path(run)
-    cfg = load_config(run)
-    coder = load_coder(run)
+    cfg, coder = load_config(run), load_coder(run)
     log = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
-    if data:
-        src_cfg = source_from_spec(data, None, cfg.source.seed)
-        src_cfg.heldout = 0.0
-        source = open_source(src_cfg, "train")
-    elif cfg.source.kind == "memory":
-        raise SparsecodeError(f"run {run} was trained on in-memory data; diagnose it with --data FILE.npy")
-    else:
-        source = open_source(cfg.source, "eval")
+    _, source = held_out_source(run, cfg, data, "diagnose")
     x = next(batches(coder, source, rows, rows))
     return diagnose(cfg, log, coder, x)
