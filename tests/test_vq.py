@@ -107,6 +107,7 @@ def test_restarts_move_at_most_one_code_per_batch_row_onto_distinct_rows():
     vq = build("vq", {"d_in": 4, "m": 64, "init": "random", "restart_after": 1}).train()
     vq.since_fired.fill_(10**6)  # every code long dead
     x = torch.randn(16, 4)
-    assert vq.restart(x, torch.rand(16)) == 16
+    idx = torch.randint(64, (16,))
+    assert vq.restart(x, idx, vq.codebook[idx]) == 16
     moved = vq.codebook[vq.since_fired == 0]
     assert moved.shape[0] == 16 and torch.unique(moved, dim=0).shape[0] == 16

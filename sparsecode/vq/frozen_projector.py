@@ -3,7 +3,8 @@ samples, frozen; only a linear projector P (d×d with bias, identity at the star
 into the latent space is trained, by the codebook loss: C = P(C₀).
 
 Set the run's `init_rows` ≥ m: the codebook is drawn from the rows handed to `init_from_data`
-(with fewer rows than codes, rows repeat and the copies stay unused).
+(with fewer rows than codes, rows repeat and the copies start unused). Restarts (our addition, base.py) move
+a long-unused code to split a busy one; `restart_after=0` is the paper's method.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class FrozenProjector(Quantizer):
         self.register_buffer("frozen", torch.randn(cfg.m, cfg.d_in) / cfg.d_in**0.5)
         self.proj = identity_linear(cfg.d_in)
 
-    def codes(self) -> Tensor:
+    def computed(self) -> Tensor:
         return self.proj(self.frozen)
 
     @torch.no_grad()

@@ -4,10 +4,14 @@ Lookup by L2 or cosine (with `metric="cosine"` rows and codes are compared norma
 codebook keeps the unnormalised cluster means, so x̂ keeps the data's scale). The codebook learns by
 EMA (decay, Laplace smoothing) or by the codebook loss; straight-through estimator and commitment loss
 for whatever feeds the quantizer. Remedies for collapse: k-means initialisation from the first batches
-and restart of long-unused codes onto badly quantized rows of the batch. "Long" is measured in expected hits:
-a code restarts once it has gone unused for `restart_after`·m rows, as long as a code of uniform usage takes to
-be hit `restart_after` times, so a healthy codebook of any size sees about B·e^(−restart_after) restarts per
-step (0.3 at B=1024 for the default 8) rather than churn that grows with m.
+and restart of long-unused codes. "Long" is measured in expected hits: a code restarts once it has gone unused
+for `restart_after`·m rows, as long as a code of uniform usage takes to be hit `restart_after` times, so a
+healthy codebook of any size sees about B·e^(−restart_after) restarts per step rather than churn that grows
+with m. Where a dead code goes (`restart_to`): `split` (default) halves a busy code, the code of a uniformly
+drawn batch row, by placing the dead one a step `split_step` from it toward that row, with half its EMA
+mass; `error` puts it on a row drawn ∝ its squared error (as k-means++ seeds). On real activations `error`
+lands codes on outlier rows that only they use, so they die again and restarts never settle; a split code
+takes about half of a cell the data fills, and stays in use.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from torch import Tensor, nn
 
 from ..code import Code, decode
 from ..coder import Coder, Output, register
-from ..config import check, non_negative, positive
+from ..config import check, positive
 from ..metrics import fvu
-from .base import QuantizerConfig
+from .base import QuantizerConfig, draw_rows, due_codes, split_targets
 from .kmeans import KMeansConfig, kmeans
 from .search import nearest
 
@@ -33,7 +37,7 @@ class VQConfig(QuantizerConfig, KMeansConfig):
     decay: float = 0.99
     eps: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
     init: str = "kmeans"  # kmeans | random: how the codebook starts
-    restart_after: float = 8.0  # restart a code unused for restart_after·m rows (expected hits); 0 = never
+    restart_to: str = "split"  # split (halve a busy code) | error (a row drawn ∝ its squared error)
     legacy: ClassVar[dict] = {"kmeans_init": ("init", {True: "kmeans", False: "random"})}
 
     def validate(self) -> None:
@@ -41,7 +45,7 @@ class VQConfig(QuantizerConfig, KMeansConfig):
         check(0 < self.decay < 1, f"decay must be in (0, 1), got {self.decay}")
         positive(self, "eps")
         check(self.init in ("kmeans", "random"), f"init must be 'kmeans' or 'random', got {self.init!r}")
-        non_negative(self, "restart_after")
+        check(self.restart_to in ("split", "error"), f"restart_to must be 'split' or 'error', got {self.restart_to!r}")
 
 
 @register("vq")
@@ -79,8 +83,7 @@ class VQ(Coder):
             if self.cfg.ema:
                 self.ema_update(x.detach(), code.indices[:, 0])
             if self.cfg.restart_after:
-                err = (x.detach() - q.detach()).pow(2).sum(1)
-                stats["restarts"] = self.restart(x.detach(), err).float()  # read when logged
+                stats["restarts"] = self.restart(x.detach(), code.indices[:, 0], q.detach()).float()  # read when logged
         x_hat = x + (q - x).detach()  # straight-through: forward is q, gradient passes to x
         return Output(x_hat, code, losses, stats)
 
@@ -110,30 +113,28 @@ class VQ(Coder):
         return self.cfg.restart_after * self.cfg.m  # the host follows how many codes are due a restart
 
     @torch.no_grad()
-    def restart(self, x: Tensor, err: Tensor) -> Tensor:
-        """Move the longest-unused dead codes (at most one per batch row) onto distinct batch rows drawn ∝
-        their squared error (as k-means++ seeds), so they land where the codebook fits worst; returns how many
-        (a device scalar).
-
-        Nothing waits for the device. On the CPU, how many codes are due is read (`idle_count`): none, nothing
-        is drawn; else the n due (at most B) move. On a GPU the count stays there, and every step runs at a
-        fixed size: the min(m, B) longest idle codes are candidates and those due (a prefix of them) move.
-        Rows are drawn as torch.multinomial draws them without replacement (the top keys p / Exp(1): the same
-        numbers from the same generator), from the run's generator on x's device.
-        """
-        _, due = self.idle_count()
-        if due == 0:
+    def restart(self, x: Tensor, idx: Tensor, q: Tensor) -> Tensor:
+        """Move the longest-unused dead codes (at most one per batch row; `due_codes`) to distinct rows' places
+        (`restart_to`; `idx` and `q` are the rows' codes and quantized values); how many moved (a device scalar)."""
+        picked = due_codes(self, x.shape[0])
+        if picked is None:
             return torch.zeros((), dtype=torch.long, device=x.device)
-        n = min(self.cfg.m if due is None else due, x.shape[0])
-        idle, cand = self.since_fired.float().topk(n)  # longest idle first
-        dead = idle >= self.idle_watch()
-        p = err.double() + 1e-12
-        p = p / p.sum()
-        rows = (p / torch.empty_like(p).exponential_(generator=self.generator_for(p.device))).topk(n).indices
-        new = x[rows]
-        self.codebook[cand] = torch.where(dead[:, None], new, self.codebook[cand])
-        self.ema_sum[cand] = torch.where(dead[:, None], new, self.ema_sum[cand])
-        self.ema_count[cand] = torch.where(dead, 1.0, self.ema_count[cand])
+        cand, dead = picked
+        n = cand.shape[0]
+        if self.cfg.restart_to == "split":  # the busy code keeps half its EMA mass, the new one gets the rest
+            rows, new = split_targets(self, x, q, n)
+            busy = idx[rows]
+            half = torch.where(dead, 0.5, 1.0).to(x.dtype)
+            mass = self.ema_count[busy] * half
+            self.ema_count[busy] = mass
+            self.ema_sum[busy] = self.ema_sum[busy] * half[:, None]
+        else:
+            new = x[draw_rows(self, (x - q).pow(2).sum(1), n)]
+            mass = torch.ones(n, dtype=x.dtype, device=x.device)
+        keep = ~dead[:, None]
+        self.codebook[cand] = torch.where(keep, self.codebook[cand], new)
+        self.ema_sum[cand] = torch.where(keep, self.ema_sum[cand], new * mass[:, None])
+        self.ema_count[cand] = torch.where(dead, mass, self.ema_count[cand])
         self.since_fired[cand] = torch.where(dead, 0, self.since_fired[cand])
         self.idle_lowered()
         return dead.sum()

@@ -8,8 +8,11 @@ a zero-initialised linear layer back to g·d, un-grouped into K codes. Reading c
 the authors' release, `qbridge_ViT.py`): there the codebook is laid out as a √K×√K image and cut into
 p×p patches (ViT PatchEmbed, p = 4 → g = 16), 2 blocks, 4 heads of 16 dims, MLP ratio 2, no positional
 embedding, base codebook frozen; grouping g consecutive codes is the same up to a relabelling of the
-random base codes, and also works when K is not a square. Where the authors start the recover layer at
-zero (all codes at one point), `init_from_data` starts it at the data's scale (see there). The annealing
+random base codes, and also works when K is not a square. The authors start the recover layer at zero (all
+codes at one point, `init=zero`); by default (`init=kmeans`, our addition) the recover layer still starts at
+zero and each code gets a frozen offset that puts the codebook on k-means centres of the data, which the
+bridge then moves as one; `init=data` starts the recover layer at the data's scale, a random cloud that on
+384-d activations collapses onto its few codes of smallest spread. Restarts split busy codes (base.py). The annealing
 is the learning-rate schedule: train with the trainer's cosine decay down to a small `min_lr_ratio` (the
 authors anneal to 0.01).
 """
@@ -26,17 +29,19 @@ from torch import Tensor, nn
 from ..coder import register
 from ..config import check, non_negative, positive
 from .base import Quantizer, QuantizerConfig
+from .kmeans import KMeansConfig
 
 
 @dataclass
-class VQBridgeConfig(QuantizerConfig):
+class VQBridgeConfig(QuantizerConfig, KMeansConfig):
     group: int = 16  # g: consecutive codes per token (a 4×4 patch in the paper); m must divide by it
     hidden: int = 64  # token width (heads × 16 in the paper's "S" size)
     heads: int = 4
     depth: int = 2
     mlp_ratio: float = 2.0
     train_base: bool = False  # also train the base codebook (the paper keeps it frozen)
-    init: str = "data"  # data (a cloud at the data's mean and per-dimension scale) | zero (the paper's)
+    init: str = "kmeans"  # kmeans (codes start on k-means centres) | data (a cloud at the data's mean and
+    #                       per-dimension scale) | zero (the paper's)
     legacy: ClassVar[dict] = {"data_init": ("init", {True: "data", False: "zero"})}
 
     def validate(self) -> None:
@@ -47,7 +52,7 @@ class VQBridgeConfig(QuantizerConfig):
               f"hidden={self.hidden} must be a positive multiple of heads={self.heads}")
         non_negative(self, "depth")
         positive(self, "mlp_ratio")
-        check(self.init in ("data", "zero"), f"init must be 'data' or 'zero', got {self.init!r}")
+        check(self.init in ("kmeans", "data", "zero"), f"init must be 'kmeans', 'data' or 'zero', got {self.init!r}")
 
 
 class Block(nn.Module):
@@ -89,7 +94,7 @@ class VQBridge(Quantizer):
             nn.init.zeros_(lin.bias)
         nn.init.zeros_(self.recover.weight)  # as the authors: the codebook starts at the recover bias
 
-    def codes(self) -> Tensor:
+    def computed(self) -> Tensor:
         cfg = self.cfg
         h = self.compress(self.base.reshape(cfg.m // cfg.group, cfg.group * cfg.d_in))
         for block in self.blocks:
@@ -99,12 +104,13 @@ class VQBridge(Quantizer):
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
-        """Start the codebook on the data (our addition): the recover bias becomes the data mean and the
-        recover weight random at the data's per-dimension scale, so the codes start spread like the data
-        rather than all at one point (`init=zero`, the paper's start)."""
+        """Start the codebook on the data (our addition): on k-means centres (`init=kmeans`), or with the recover
+        bias at the data mean and its weight random at the data's per-dimension scale (`init=data`)."""
         cfg = self.cfg
         if cfg.init == "zero":
             return
+        if cfg.init == "kmeans":
+            return self.start_at_kmeans(x, cfg.kmeans_iters)
         self.recover.bias.copy_(x.mean(0).repeat(cfg.group))
         scale = x.std(0).repeat(cfg.group)[:, None] / cfg.hidden**0.5  # LayerNorm'd tokens have unit variance
         self.recover.weight.copy_(self.randn(*self.recover.weight.shape, device=x.device) * scale)

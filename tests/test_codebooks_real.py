@@ -1,0 +1,57 @@
+"""Codebooks on real activations (MiniLM-L6 layer 3): every code in use on held-out rows with restarts settled,
+where the papers' starts collapse (simvq's random basis, vqbridge's codes at one point)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from data_helpers import minilm_store  # noqa: F401
+
+from sparsecode.data.source import SourceConfig, open_source
+from sparsecode.evaluate import evaluate
+from sparsecode.train import TrainConfig, train
+
+M, STEPS, BATCH = 128, 120, 256
+
+
+def run(store, tmp_path, method: str, **coder) -> tuple[dict, float]:
+    """(result on 80 rows per code of the training split, restarts per step over the second half of training).
+
+    The training split, not the held-out one: this store holds a few dozen documents, so its held-out tail is
+    other documents, and codes of what only the training documents say go unused there (bench/vq_utilisation.py
+    measures held-out use on a store of thousands of documents)."""
+    source = SourceConfig(kind="store", path=str(store), heldout=0.25)
+    cfg = TrainConfig(method=method, coder={"m": M, **coder}, source=source, steps=STEPS, batch_size=BATCH,
+                      lr=3e-3, log_every=1, ckpt_every=10**9, init_rows=4096)
+    coder_ = train(cfg, tmp_path / method)
+    log = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    churn = [r.get("restarts", 0.0) for r in log if r["step"] > STEPS // 2]
+    return evaluate(coder_, open_source(source, "train"), rows=80 * M, details=False), sum(churn) / len(churn)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("vq", {}), ("simvq", {}), ("frozen_projector", {}), ("vqbridge", {}),
+    ("simvq", {"init": "random"}), ("vqbridge", {"init": "zero"}),  # restarts alone rescue the papers' starts
+    ("simvq", {"restart_after": 0}), ("vqbridge", {"restart_after": 0}),  # and so does the k-means start alone
+], ids=["vq", "simvq", "frozen_projector", "vqbridge", "simvq-random-start", "vqbridge-zero-start",
+        "simvq-no-restarts", "vqbridge-no-restarts"])
+def test_every_code_is_used_on_minilm(minilm_store, tmp_path, method, options):  # noqa: F811
+    result, churn = run(minilm_store, tmp_path, method, **options)
+    assert result["utilisation"] >= 0.99, result["utilisation"]
+    assert churn <= 0.01 * M, churn
+    assert result["fvu"] < 0.6, result["fvu"]
+
+
+@pytest.mark.parametrize("method,paper", [("simvq", {"init": "random", "restart_after": 0}),
+                                          ("vqbridge", {"init": "zero", "restart_after": 0})])
+def test_the_papers_starts_collapse_on_minilm(minilm_store, tmp_path, method, paper):  # noqa: F811
+    result, _ = run(minilm_store, tmp_path, method, **paper)
+    assert result["utilisation"] < 0.8, result["utilisation"]
+
+
+def test_error_drawn_restarts_churn_where_splits_settle(minilm_store, tmp_path):  # noqa: F811
+    """Restarts onto rows drawn ∝ their error (the old rule) keep moving codes that die again."""
+    _, split = run(minilm_store, tmp_path, "vq", restart_after=8)
+    _, error = run(minilm_store, tmp_path / "e", "vq", restart_after=8, restart_to="error")
+    assert error > 3 * split and error > 0.01 * M, (error, split)
