@@ -197,7 +197,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if out.exists():
         shutil.rmtree(out)
-    cfg = TrainConfig(method="topk", coder={"m": a.m, "k": a.k, "dead_tokens": 1_000_000},
+    cfg = TrainConfig(method="topk", coder={"m": a.m, "k": a.k},
                       source=SourceConfig(kind="store", path=str(store.resolve())),
                       steps=a.steps, batch_size=1024, lr=a.lr, log_every=100)
     print(f"2/3 train: topk (m={a.m}, k={a.k}), {a.steps} steps of 1024 tokens")

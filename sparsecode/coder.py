@@ -24,12 +24,26 @@ class CoderConfig:
 
     d_in: int = 0  # width of the activations; filled in from the data source when 0
     m: int = 1024  # atoms in the dictionary / codes in the codebook
-    dead_tokens: int = 1_000_000  # an atom that has not fired for this many tokens counts as dead
+    # an atom that has not fired for this many tokens counts as dead (AuxK's window); None: `auto_dead_tokens`
+    dead_tokens: int | None = None
 
     def validate(self) -> None:
         positive(self, "d_in")
         check(self.m > 0, f"m (dictionary size) must be positive, got {self.m}")
-        positive(self, "dead_tokens")
+        check(self.dead_tokens is None or self.dead_tokens > 0,
+              f"dead_tokens must be positive (or none: a tenth of the run), got {self.dead_tokens}")
+
+
+DEAD_TOKENS_CAP = 10_000_000  # Gao et al.'s dead window; the auto window never exceeds it
+DEAD_TOKENS_UNTIED = 1_000_000  # the window of a coder trained outside the trainer (no run length to tie it to)
+
+
+def auto_dead_tokens(run_tokens: int) -> int:
+    """dead_tokens=None resolved when a run is created: a tenth of its tokens, at most 10M (the paper's window).
+
+    A tenth lets AuxK act on latents that died in the first 90% of any run, however short, while a latent
+    only counts as dead after 0.1·run tokens without firing (so rare live ones are not caught early)."""
+    return max(1, min(DEAD_TOKENS_CAP, run_tokens // 10))
 
 
 @dataclass
@@ -58,7 +72,8 @@ class Coder(nn.Module):
     """An encoder that picks a few atoms of a dictionary and a decoder that sums them.
 
     Hooks the trainer calls, no-ops by default: `init_from_data` once before training,
-    `after_backward` between backward and the optimizer step, `after_step` after it.
+    `after_backward` between backward and the optimizer step, `after_step` after it, and `calibrate` on
+    `calibration_rows()` training rows after the last step.
     """
 
     name: ClassVar[str]
@@ -114,6 +129,13 @@ class Coder(nn.Module):
     def after_step(self) -> None:
         """Restore constraints after the optimizer step."""
 
+    def calibration_rows(self) -> int:
+        """How many training rows `calibrate` wants after the last step (0: no calibration)."""
+        return 0
+
+    def calibrate(self, x: Tensor) -> None:
+        """Fit inference-only state (never what training reads) to rows of the training distribution."""
+
     def make_optimizer(self, params: list[nn.Parameter], lr: float, betas: tuple[float, float],
                        fused: bool | None) -> torch.optim.Optimizer:
         """The optimizer the trainer uses for this method: Adam unless a method needs another."""
@@ -134,13 +156,18 @@ class Coder(nn.Module):
         self._idle_bound = self._idle_bound + code.indices.shape[0] if fresh else None
         self._idle_seen = self._idle_key()
 
+    @property
+    def dead_tokens(self) -> int:
+        """The dead window: the config's (the trainer resolves None), else DEAD_TOKENS_UNTIED."""
+        return self.cfg.dead_tokens if self.cfg.dead_tokens is not None else DEAD_TOKENS_UNTIED
+
     def dead_mask(self) -> Tensor:
-        return self.since_fired >= self.cfg.dead_tokens
+        return self.since_fired >= self.dead_tokens
 
     # --- since_fired, as far as the host knows it without waiting --------------------------------
     def idle_watch(self) -> float:
         """The idle time (tokens) whose atoms `idle_count` counts: dead_tokens (AuxK); vq: its restart age."""
-        return self.cfg.dead_tokens
+        return self.dead_tokens
 
     def idle_count(self) -> tuple[int, int | None]:
         """(the longest idle time or an upper bound of it, the number of atoms idle ≥ `idle_watch()` or None).

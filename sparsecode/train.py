@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ck
-from .coder import Coder, build, get_method
+from .coder import Coder, auto_dead_tokens, build, get_method
 from .config import check, derive_seed, from_dict, non_negative, positive, to_dict
 from .data.source import ActivationSource, SourceConfig, open_source
 from .device import pick_device
@@ -109,6 +109,10 @@ class Trainer:
         d = cfg.coder.get("d_in", 0) or self.source.d
         check(d == self.source.d, f"the data has d={self.source.d} but the run expects d_in={d}")
         cfg.coder = {**cfg.coder, "d_in": d}
+        # dead_tokens None: resolved here, saved in config.json, and on resume taken from there (`start`)
+        self.auto_dead_tokens = cfg.coder.get("dead_tokens") is None
+        if self.auto_dead_tokens:
+            cfg.coder["dead_tokens"] = auto_dead_tokens(cfg.steps * cfg.batch_size)
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
             torch.manual_seed(derive_seed(cfg.seed, "init"))
             self.coder: Coder = build(cfg.method, cfg.coder).to(self.device)
@@ -147,8 +151,9 @@ class Trainer:
             self.device_generator.set_state(state["device_generator"])
         self.source.load_state_dict(state["source"])
 
-    def save(self) -> Path:
-        return ck.save_checkpoint(self.run, self.step, self.coder, self.state_dict(), self.cfg.keep_checkpoints)
+    def save(self, state: dict[str, Any] | None = None) -> Path:
+        state = self.state_dict() if state is None else state
+        return ck.save_checkpoint(self.run, self.step, self.coder, state, self.cfg.keep_checkpoints)
 
     def start(self, resume: bool = False) -> None:
         """Reopen the run to resume from its last checkpoint, or start it afresh, then initialise from data.
@@ -161,6 +166,8 @@ class Trainer:
             if not resume:
                 raise SparsecodeError(f"run {run} already exists; resume it (--resume) or pick a new --out")
             saved = load_config(run)  # older configs gain the defaults
+            if self.auto_dead_tokens:  # the window resolved when the run was created, whatever its steps now
+                self.cfg.coder["dead_tokens"] = self.coder.cfg.dead_tokens = saved.coder.get("dead_tokens")
             differ = differing_fields(saved, self.cfg, ignore=("steps",))
             if differ:
                 raise SparsecodeError(f"run {run} was started with another config ({', '.join(differ)} differ); "
@@ -254,13 +261,23 @@ class Trainer:
                                     tok_s=f"{rec['tokens_per_s']:.3g}")
                     stats, extra, t0, tokens0 = CodeStats(coder.cfg.m), {}, time.perf_counter(), self.step
                 if save_now or self.step == cfg.steps:
-                    self.save()
+                    state = self.state_dict()  # before any calibration rows are drawn: a resume reads on from here
+                    if self.step == cfg.steps:
+                        self.calibrate()
+                    self.save(state)
                 bar.update(1)
                 if on_step is not None:
                     on_step(self.step)
         bar.close()
         coder.eval()
         return coder
+
+    def calibrate(self) -> None:
+        """After the last step: hand the method the training rows its `calibrate` hook asks for (none by default).
+        They are read past the run's end, so the checkpoint keeps the position before them."""
+        rows = self.coder.calibration_rows()
+        if rows:
+            self.coder.calibrate(self._batch(rows))
 
     def _check_finite(self, loss_sum: torch.Tensor | float, since: int) -> None:
         """Raise before anything is logged or saved if a loss since step `since` was NaN or infinite."""

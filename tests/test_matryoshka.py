@@ -56,3 +56,15 @@ def test_matryoshka_prefixes_reconstruct_alone_where_a_plain_sae_does_not(select
         first_plain = prefix_fvu(plain, x, 16)
     assert nested[0] > nested[1] > nested[2], nested
     assert nested[0] < 0.7 * first_plain and nested[0] < 0.65, (nested, first_plain)
+
+
+def test_the_batchtopk_selection_is_calibrated_to_l0_k_and_topk_needs_no_calibration():
+    """As batchtopk: held-out L0 within 2% of k after the trainer's calibration, the EMA far off (measured
+    2.35 for k = 4); with selection=topk the threshold is unused and nothing is calibrated."""
+    from test_batchtopk import calibrated_run, heldout_l0
+
+    sae, x = calibrated_run("matryoshka", {"prefixes": "1/8,1/2,1"})
+    ema, calibrated = heldout_l0(sae, x, sae.threshold_ema), heldout_l0(sae, x, sae.threshold)
+    assert abs(ema / 4 - 1) > 0.1, ema
+    assert abs(calibrated / 4 - 1) < 0.02, (calibrated, ema)
+    assert build("matryoshka", {"d_in": 16, "m": 64, "k": 4, "selection": "topk"}).calibration_rows() == 0

@@ -174,3 +174,42 @@ def test_the_callers_config_is_left_as_it_was(tmp_path):
     assert cfg == before and cfg.source is None and "d_in" not in cfg.coder
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["coder"]["d_in"] == 8 and saved["source"]["kind"] == "memory"
+
+
+def test_an_auto_dead_window_is_resolved_once_and_kept_when_a_resume_changes_steps(tmp_path):
+    """dead_tokens=None becomes a tenth of the run's tokens in config.json; resuming with more steps (the same
+    config object, dead_tokens still None) keeps that window instead of resolving it again."""
+    import dataclasses
+
+    from sparsecode.checkpoint import load_coder
+
+    data = torch.randn(1024, 8)
+    cfg = TrainConfig(method="topk", coder={"m": 32, "k": 4}, steps=20, batch_size=64, init_rows=64, log_every=10)
+    train(cfg, tmp_path / "run", source=TensorSource(data))
+    saved = lambda: json.loads((tmp_path / "run" / "config.json").read_text())  # noqa: E731
+    assert saved()["coder"]["dead_tokens"] == 128 and load_coder(tmp_path / "run").cfg.dead_tokens == 128
+    coder = train(dataclasses.replace(cfg, steps=40), tmp_path / "run", source=TensorSource(data), resume=True)
+    assert saved()["steps"] == 40 and saved()["coder"]["dead_tokens"] == coder.cfg.dead_tokens == 128
+    assert latest_checkpoint(tmp_path / "run").name == "step-0000040"
+    explicit = dataclasses.replace(cfg, coder={"m": 32, "k": 4, "dead_tokens": 1000})
+    assert train(explicit, tmp_path / "explicit", source=TensorSource(data)).cfg.dead_tokens == 1000
+
+
+def test_a_calibrated_run_resumed_with_more_steps_ends_as_a_straight_run(tmp_path):
+    """batchtopk calibrates its threshold after the last step, on rows read past the run's end: a finished run
+    resumed with more steps ends with the straight run's exact weights, EMA and threshold."""
+    def cfg(steps: int) -> TrainConfig:
+        return TrainConfig(method="batchtopk", coder={"m": 64, "k": 4, "dead_tokens": 2048}, steps=steps,
+                           source=SourceConfig(options={"d": 16, "n_features": 32, "active": 2}), batch_size=128,
+                           ckpt_every=10, log_every=10, init_rows=256)
+
+    train(cfg(40), tmp_path / "straight")
+    train(cfg(20), tmp_path / "resumed")
+    first = weights(tmp_path / "resumed")
+    assert first["threshold"] != first["threshold_ema"]  # calibrated at step 20
+    train(cfg(40), tmp_path / "resumed", resume=True)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert a["threshold"] != a["threshold_ema"]

@@ -2,7 +2,9 @@
 configs, topafa, vsae): the one place its loss and the training output around it are computed.
 
 The residual x − x̂ is reconstructed by the top `aux_k` latents among those dead for `dead_tokens` tokens,
-weighted by `aux_coef` (1/32 in the paper); both losses share the FVU scale. The latents are picked by the
+weighted by `aux_coef` (1/32 in the paper); both losses share the FVU scale. The paper's window is 10M tokens,
+longer than many runs: by default (None) the trainer ties it to the run, a tenth of its tokens capped at 10M
+(`coder.auto_dead_tokens`), so AuxK acts within any run. The latents are picked by the
 method's per-row rule (`select.Rule`), which also says how live latents are hidden from the pick.
 """
 
@@ -58,7 +60,7 @@ class AuxKSAE(SAE):
         (the loss is zero when none is dead), as in the paper's reference code.
         """
         longest, n_dead = self.idle_count()
-        if longest < self.cfg.dead_tokens or n_dead == 0:
+        if longest < self.dead_tokens or n_dead == 0:
             return None
         m, dead = self.cfg.m, self.dead_mask()
         k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, m if n_dead is None else n_dead)

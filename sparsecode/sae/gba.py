@@ -9,6 +9,9 @@ frequency p_m over that window and r_m the largest pre-activation W_enc,m·(x �
   b_m ← b_m − γ·r_m if p_m > TAF,   b_m ← b_m + γ·r_m if p_m < TAF,   then b_m ← min(b_m, 0).
 The paper raises the bias only of latents that (almost) never fire; raising it whenever p_m < TAF makes
 the rule two-sided, so each frequency settles at its target (the behaviour the tests assert).
+A mean L0 is the sum of the latents' firing frequencies, so `k` (active latents per token, as elsewhere)
+scales every TAF by one factor, keeping the groups' geometric spread freq_max/freq_min, until they sum to k;
+the same adaptation then aims at L0 = k. Without `k` the TAFs are freq_max..freq_min as given.
 Two constraints of ours keep the thresholds meaningful: b_dec stays at the data mean (set from the first
 rows, not trained: `train_b_dec`), and encoder rows stay unit-norm (`unit_encoder`); without them the
 thresholds run away (BENCHMARKS.md, "Notes moved from the code").
@@ -38,6 +41,7 @@ class GBAConfig(CoderConfig):
     adapt_every: int = 1  # steps per adaptation window
     unit_encoder: bool = True  # keep encoder rows unit-norm, so the biases alone set the thresholds
     train_b_dec: bool = False  # b_dec stays at the data mean; training it let the thresholds run away
+    k: int | None = None  # target mean L0: TAFs scaled (spread kept) to sum to k; None: freq_max..freq_min
 
     def validate(self) -> None:
         super().validate()
@@ -46,6 +50,18 @@ class GBAConfig(CoderConfig):
               f"need 0 < freq_min <= freq_max <= 1, got {self.freq_min} and {self.freq_max}")
         check(0 < self.gamma < 1, f"gamma must be in (0, 1), got {self.gamma}")
         positive(self, "adapt_every")
+        check(self.k is None or 0 < self.k <= self.m, f"k must be in 1..m={self.m}, got k={self.k}")
+        top = float(group_targets(self)[0])
+        check(top <= 1, f"k={self.k} needs the first group to fire at {top:.3g} > 1 per token: lower k, or "
+                        f"narrow freq_max/freq_min (now {self.freq_max / self.freq_min:.3g}×)")
+
+
+def group_targets(cfg: GBAConfig) -> Tensor:
+    """[m] target activation frequency of each latent: geometric over the groups, scaled to sum to k if set."""
+    group = torch.arange(cfg.m) * cfg.groups // cfg.m
+    ratio = torch.tensor(cfg.freq_min / cfg.freq_max)
+    target = cfg.freq_max * ratio.pow(group / max(cfg.groups - 1, 1))
+    return target * (cfg.k / target.sum()) if cfg.k is not None else target
 
 
 @register("gba")
@@ -58,9 +74,7 @@ class GBASAE(SAE):
         super().__init__(cfg)
         self.b_enc.requires_grad_(False)
         self.b_dec.requires_grad_(cfg.train_b_dec)
-        group = torch.arange(cfg.m) * cfg.groups // cfg.m
-        ratio = torch.tensor(cfg.freq_min / cfg.freq_max)
-        self.register_buffer("target", cfg.freq_max * ratio.pow(group / max(cfg.groups - 1, 1)))
+        self.register_buffer("target", group_targets(cfg))
         self.register_buffer("fires", torch.zeros(cfg.m))
         self.register_buffer("peak", torch.zeros(cfg.m))
         self.register_buffer("window_rows", torch.zeros((), dtype=torch.long))

@@ -4,7 +4,8 @@ The first ⌈f·m⌉ latents, for each fraction f of `prefixes`, must each recon
 latents of the shared selection that fall in the prefix; the loss is the sum of their FVUs (the full
 dictionary included), so early latents learn general directions and later ones specialise (nested.py).
 Selection is TopK or BatchTopK (`selection`), with AuxK on the full dictionary as in TopK. A registered
-config of the TopK SAE; it holds BatchTopK's inference threshold whatever its selection (as it always has).
+config of the TopK SAE; it holds BatchTopK's inference threshold whatever its selection (as it always has),
+calibrated after the last step as batchtopk's where the selection uses it (`calibration_rows`).
 """
 
 from __future__ import annotations
