@@ -115,15 +115,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(a: argparse.Namespace) -> int:
-    from .diagnose.doctor import as_dicts
     from .evaluate import diagnose_run
 
-    findings = diagnose_run(Path(a.run), a.data, a.rows)
-    if a.json:
-        print(json.dumps(as_dicts(findings)))
-    else:
-        print("\n".join(f.lines() for f in findings) or "no collapse found: every atom fires on held-out rows, "
-                                                       "restarts settled and the loss fell")
+    result = diagnose_run(Path(a.run), a.data, a.rows)  # also kept as RUN/diagnosis.json, which --json prints
+    print(json.dumps(result) if a.json else result["text"])
     return 0
 
 
@@ -261,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("run")
     g.add_argument("--data", help="a .npy file or store to read rows from instead of the run's held-out split")
     g.add_argument("--rows", type=int, default=4096, help="held-out rows to check the code on")
-    g.add_argument("--json", action="store_true")
+    g.add_argument("--json", action="store_true", help="print the diagnosis as kept in RUN/diagnosis.json")
     g.set_defaults(fn=cmd_diagnose)
 
     r = sub.add_parser("report", help="write a self-contained HTML report of a run (plots included)")

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import load_coder
+from .checkpoint import latest_checkpoint, load_coder
 from .coder import Coder
 from .data.source import ActivationSource, SourceConfig, open_source, source_from_spec
 from .diagnose import active_units, code_infomec, neural_collapse
-from .diagnose.doctor import Finding, diagnose
+from .diagnose.doctor import DIAGNOSIS, diagnose, record
 from .errors import SparsecodeError
 from .files import atomic_write_json, read_json, read_jsonl
 from .metrics import CodeStats, atom_cosines, effective_rank, frequency_histogram, perplexity, recovery
@@ -122,11 +123,28 @@ def run_eval(run: Path, rows: int = 65536, splice_contexts: int = 16) -> dict[st
     return read_json(Path(run) / "eval.json")
 
 
-def diagnose_run(run: Path, data: str | None = None, rows: int = 4096) -> list[Finding]:
-    """The collapse doctor on a run folder: its config, log, last checkpoint and held-out rows (or `data`)."""
+def diagnose_run(run: Path, data: str | None = None, rows: int = 4096, reuse: bool = False) -> dict[str, Any]:
+    """The collapse doctor on a run folder (its config, log, last checkpoint and held-out rows, or `data`), kept
+    as the run's diagnosis.json: checkpoint, rows, data, findings and their text. `reuse`: the kept one, when
+    it is of the run's last checkpoint."""
     run = Path(run)
+    if rows < 1:
+        raise SparsecodeError(f"rows must be positive, got {rows}")
     cfg, coder = load_config(run), load_coder(run)
+    ckpt = latest_checkpoint(run)
+    about = {"checkpoint": ckpt.name if ckpt else None, "rows": rows, "data": data}
+    kept = None
+    if reuse and (run / DIAGNOSIS).is_file():
+        with contextlib.suppress(SparsecodeError):  # a corrupt copy is computed afresh
+            kept = read_json(run / DIAGNOSIS)
+    if isinstance(kept, dict) and kept.get("checkpoint") == about["checkpoint"] and isinstance(kept.get("text"), str):
+        return kept
     log = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
     _, source = held_out_source(run, cfg, data, "diagnose")
-    x = next(batches(coder, source, rows, rows))
-    return diagnose(cfg, log, coder, x)
+    x = next(batches(coder, source, rows, rows), None)
+    if x is None:
+        raise SparsecodeError(f"no held-out rows to diagnose {run} on; give some with --data FILE.npy")
+    result = record(diagnose(cfg, log, coder, x), **about)
+    with contextlib.suppress(OSError):  # a read-only run is still diagnosed; it only keeps no copy
+        atomic_write_json(run / DIAGNOSIS, result)
+    return result

@@ -92,8 +92,26 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
-def write_report(run: Path, result: dict[str, Any], out: Path | None = None) -> Path:
-    """Write `<run>/report/index.html` (plots embedded, PNGs beside it); returns the page's path."""
+def diagnosis_section(run: Path, diagnosis: dict[str, Any] | None = None) -> str:
+    """The collapse doctor's text (`sparsecode diagnose`), from the run's diagnosis.json when it is of the last
+    checkpoint, else computed (and kept) now; a run the doctor cannot read says why."""
+    if diagnosis is None:
+        from .evaluate import diagnose_run
+
+        try:
+            diagnosis = diagnose_run(run, reuse=True)
+        except SparsecodeError as e:
+            return f"<h2>diagnosis</h2><p>not diagnosed: {html.escape(str(e))}</p>"
+    on = f"rows of {diagnosis['data']}" if diagnosis.get("data") else "held-out rows"
+    return (f"<h2>diagnosis</h2><p>{html.escape(str(diagnosis.get('rows')))} {html.escape(on)}, checkpoint "
+            f"{html.escape(str(diagnosis.get('checkpoint')))} (<code>sparsecode diagnose</code>)</p>"
+            f"<pre>{html.escape(str(diagnosis.get('text', '')))}</pre>")
+
+
+def write_report(run: Path, result: dict[str, Any], out: Path | None = None,
+                 diagnosis: dict[str, Any] | None = None) -> Path:
+    """Write `<run>/report/index.html` (plots embedded, PNGs beside it, the diagnosis of `diagnosis_section`
+    unless `diagnosis` is given); returns the page's path."""
     from .metrics import flat_metrics
 
     run = Path(run)
@@ -121,12 +139,13 @@ def write_report(run: Path, result: dict[str, Any], out: Path | None = None) -> 
 <html lang="en"><head><meta charset="utf-8"><title>sparsecode report: {html.escape(run.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;margin:1em 0}}
 th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left}}figure{{display:inline-block;margin:.5em}}
-img{{max-width:100%}}code{{background:#f4f4f4}}</style></head><body>
+img{{max-width:100%}}code,pre{{background:#f4f4f4}}pre{{padding:.5em;white-space:pre-wrap}}</style></head><body>
 <h1>{html.escape(run.name)}: {html.escape(str(cfg["method"]))}</h1>
 <p>coder <code>{html.escape(json.dumps(cfg["coder"]))}</code>;
 source <code>{html.escape(json.dumps(cfg["source"]))}</code>; {html.escape(str(cfg["steps"]))} steps of
 {html.escape(str(cfg["batch_size"]))}</p>
 <h2>held-out evaluation</h2>{_table(main)}{sections}
+{diagnosis_section(run, diagnosis)}
 <h2>plots</h2>{imgs}
 </body></html>
 """

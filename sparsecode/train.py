@@ -31,7 +31,7 @@ from .files import failpoint, read_jsonl, sweep_temps, writing
 from .metrics import CodeStats
 
 CONFIG = "config.json"
-RUN_FILES = {CONFIG, "metrics.jsonl", "checkpoints", ".lock", "eval.json", "report"}
+RUN_FILES = {CONFIG, "metrics.jsonl", "checkpoints", ".lock", "eval.json", "diagnosis.json", "report"}
 
 
 @dataclass

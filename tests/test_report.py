@@ -77,3 +77,35 @@ def test_values_from_a_crafted_run_folder_are_escaped(runs, tmp_path):
     page = write_report(run, {"fvu": 0.5, payload: payload}).read_text()
     assert "<script>alert" not in page and "<img src=x" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x onerror=" in page
+
+
+def test_report_shows_the_diagnosis_that_diagnose_prints(runs, capsys):
+    """One section, the same text as `sparsecode diagnose`, escaped; computed once and kept in the run."""
+    import html
+
+    run = runs / "topk"
+    assert main(["diagnose", str(run)]) == 0
+    text = capsys.readouterr().out.strip()
+    assert main(["report", str(run)]) == 0
+    page = (run / "report" / "index.html").read_text()
+    assert page.count("<h2>diagnosis</h2>") == 1 and f"<pre>{html.escape(text)}</pre>" in page
+    kept = json.loads((run / "diagnosis.json").read_text())
+    payload = "<script>alert(3)</script>"
+    (run / "diagnosis.json").write_text(json.dumps({**kept, "text": payload}))
+    assert main(["report", str(run)]) == 0  # the kept diagnosis of the last checkpoint: shown, not recomputed
+    page = (run / "report" / "index.html").read_text()
+    assert "<script>alert" not in page and f"<pre>{html.escape(payload)}</pre>" in page
+    (run / "diagnosis.json").write_text(json.dumps(kept))
+
+
+def test_report_of_a_run_the_doctor_cannot_read_says_why(runs, tmp_path):
+    from sparsecode.report import write_report
+
+    run = tmp_path / "memory"
+    shutil.copytree(runs / "topk", run)
+    (run / "diagnosis.json").unlink(missing_ok=True)
+    cfg = json.loads((run / "config.json").read_text())
+    # a run trained on an in-memory tensor: the doctor has no held-out rows of its own
+    (run / "config.json").write_text(json.dumps({**cfg, "source": {**cfg["source"], "kind": "memory"}}))
+    page = write_report(run, {"fvu": 0.5}).read_text()
+    assert "<h2>diagnosis</h2><p>not diagnosed: run " in page and "--data FILE.npy" in page
