@@ -29,3 +29,18 @@ def test_registered_source_resumes_exactly():
     a = src.next_batch(5)
     src.load_state_dict(state)
     assert torch.equal(a, src.next_batch(5))
+
+
+def test_recovery_counts_children_apart_from_parent_child_composites():
+    """The true dictionary scores 1 everywhere but composites; parent + child sums tilted past cos 0.9 to the
+    child count as children by cosine alone, not strictly, and as composites; atoms at p + 3c (the edge of
+    the cone parent + child rows fill, nearer to c than to p + c) count as children, not as composites."""
+    h = Hierarchical(HierarchicalConfig(d=32, n_parents=4, n_children=3))
+    assert h.recovery(h.truth) == {"parents": 1.0, "children": 1.0, "children_strict": 1.0, "composites": 0.0}
+    tilted = torch.nn.functional.normalize(h.composites + 0.12 * h.children, dim=1)
+    assert (tilted @ h.children.t()).diagonal().min() > 0.9  # by cosine alone, each is its child's atom
+    rec = h.recovery(torch.cat([h.parents, tilted]))
+    assert rec == {"parents": 1.0, "children": 1.0, "children_strict": 0.0, "composites": 1.0}
+    edge = torch.nn.functional.normalize(h.parents[h.parent_of] + 3 * h.children, dim=1)
+    rec = h.recovery(torch.cat([h.parents, edge]))
+    assert rec == {"parents": 1.0, "children": 1.0, "children_strict": 1.0, "composites": 0.0}

@@ -35,10 +35,13 @@ SYNCING = {
 SMALL: dict[str, dict[str, Any]] = {
     "topk": {"m": 256, "k": 4}, "abstopk": {"m": 256, "k": 4}, "batchtopk": {"m": 256, "k": 4},
     "matryoshka": {"m": 256, "k": 4}, "topafa": {"m": 256, "k": 8}, "vsae": {"m": 256, "k": 4}, "mp": {"k": 4},
+    "refit": {"m": 256, "k": 4},
     "gba": {"groups": 4}, "itda": {"m": 256, "k": 4, "chunk": 16},
     "vq": {"restart_after": 0.5}, "rvq": {"restart_after": 0.5}, "codebook_features": {"k": 4},
-    "kvbottleneck": {"heads": 4, "head_dim": 4, "kmeans_iters": 2}, "vqbridge": {"hidden": 16, "heads": 2},
-    "frozen_projector": {"kmeans_iters": 2}, "vq_factorized": {"code_dim": 4}, "fsq": {}, "lfq": {},
+    "kvbottleneck": {"heads": 4, "head_dim": 4, "kmeans_iters": 2},
+    "vqbridge": {"hidden": 16, "heads": 2, "kmeans_iters": 2, "restart_after": 0.5},
+    "frozen_projector": {"kmeans_iters": 2, "restart_after": 0.5}, "simvq": {"kmeans_iters": 2, "restart_after": 0.5},
+    "vq_factorized": {"code_dim": 4}, "fsq": {}, "lfq": {},
     "latentquant": {},
 }
 FIXED_M = {"fsq", "lfq", "latentquant"}  # m follows from levels / bits / latent dims

@@ -38,3 +38,18 @@ def test_eval_split_is_another_stream_of_the_same_truth_and_resumes():
     a = train.next_batch(8)
     train.load_state_dict(state)
     assert torch.equal(a, train.next_batch(8))
+
+
+def test_both_polarities_needs_each_pole_carried_by_a_latent_of_its_sign():
+    """Feature 0: atoms +f and −f, both firing positive (two ReLU latents); feature 1: one atom firing with
+    both signs (a signed latent); feature 2: one atom, positive only; feature 3: one atom, negative in
+    fewer than 10% of its firings. Only the first two count."""
+    from sparsecode.code import Code
+    from sparsecode.data.synthetic import both_polarities
+
+    truth = torch.eye(4, 8)
+    atoms = torch.cat([truth, -truth[:1]])  # latent 4 is −f0
+    rows = [(0, 1.0), (4, 2.0), (1, 1.0), (1, -1.0), (2, 1.0)] + [(3, 1.0)] * 19 + [(3, -1.0)]
+    idx, val = torch.tensor([[i] for i, _ in rows]), torch.tensor([[v] for _, v in rows])
+    assert both_polarities(atoms, Code(idx, val, 5), truth) == 0.5
+    assert both_polarities(-atoms, Code(idx, val, 5), truth) == 0.5  # the poles swap, the count does not

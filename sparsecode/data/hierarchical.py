@@ -5,6 +5,7 @@ where the u_j are orthonormal and orthogonal to p: given the parent, the childre
 (conditionally orthogonal), while each child is strongly aligned with its parent (cos φ = `child_cos`).
 A parent fires with probability `p_parent`; when it fires, one of its children fires with probability
 `p_child` (uniformly chosen). x = Σ a_p p + Σ a_c c + noise, coefficients uniform in [coef_min, coef_max].
+`recovery` scores a dictionary on parents, children and the parent + child composites absorption makes.
 """
 
 from __future__ import annotations
@@ -78,6 +79,29 @@ class Hierarchical:
         if c.noise:
             x = x + c.noise * torch.randn(n, c.d, generator=g)
         return x, coef
+
+    @property
+    def composites(self) -> Tensor:
+        """[P·c, d]: each child's parent + child sum, normalised (what an absorbing latent learns)."""
+        return F.normalize(self.parents[self.parent_of] + self.children, dim=1)
+
+    def recovery(self, atoms: Tensor, threshold: float = 0.9) -> dict[str, float]:
+        """Shares of parents, children and parent + child composites that some atom matches at cosine >
+        `threshold`. A composite lies at cos √((1 + child_cos)/2) from both its parts (0.894 at 0.6), a hair
+        under 0.9, so `children_strict` also asks the child's best atom to be nearer to the child than to
+        its composite, and `composites` counts sums whose best atom is nearer to the sum than to either part."""
+        a = F.normalize(atoms.detach().float().cpu(), dim=1)
+        to_parent = (self.parents @ a.t())[self.parent_of]  # [P·c, m]: each child's parent
+        to_child, to_sum = self.children @ a.t(), self.composites @ a.t()
+        best = to_child.argmax(1, keepdim=True)
+        strict = to_child.gather(1, best) > to_sum.gather(1, best)
+        best = to_sum.argmax(1, keepdim=True)
+        apart = to_sum.gather(1, best) > torch.maximum(to_parent, to_child).gather(1, best)
+        child, parent = to_child.max(1).values > threshold, (self.parents @ a.t()).max(1).values > threshold
+        composite = (to_sum.max(1).values > threshold) & apart[:, 0]
+        return {"parents": parent.float().mean().item(), "children": child.float().mean().item(),
+                "children_strict": (child & strict[:, 0]).float().mean().item(),
+                "composites": composite.float().mean().item()}
 
     def next_batch(self, n: int) -> Tensor:
         return self.sample(n)[0]

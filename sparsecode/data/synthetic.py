@@ -2,7 +2,8 @@
 
 `SparseFeatures`: n unit feature directions in d dims (n > d: superposition), each firing independently
 with a power-law frequency p_i ∝ (i+1)^-alpha scaled so that `active` fire per row on average, with
-coefficients uniform in [coef_min, coef_max] (random sign if `signed`), plus optional Gaussian noise.
+coefficients uniform in [coef_min, coef_max] (random sign if `signed`), plus optional Gaussian noise;
+`both_polarities` scores how many signed features a coder carries in both directions.
 `Clusters`: a mixture of well-separated centres (unit norm) with isotropic noise of norm about `spread`.
 """
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..code import Code
 from ..config import check, derive_seed, from_dict, non_negative
 from .source import SourceConfig, register_source
 
@@ -89,6 +91,24 @@ class SparseFeatures:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+
+
+def both_polarities(atoms: Tensor, code: Code, truth: Tensor, threshold: float = 0.9, share: float = 0.1) -> float:
+    """Share of features f whose two poles +f and −f are both carried by some latent: one whose atom has
+    cosine > threshold with the pole and that fires with positive values, or cosine < −threshold and
+    negative values. A latent "fires with" a sign when at least `share` of its firings in `code` (the
+    coder's code of held-out rows) have it: a ReLU SAE needs two latents per feature, a signed code can
+    do with one."""
+    active = code.active().cpu()
+    idx, values = code.indices.cpu()[active], code.values.detach().cpu()[active]
+    pos = torch.zeros(code.size).index_add_(0, idx, (values > 0).float())
+    neg = torch.zeros(code.size).index_add_(0, idx, (values < 0).float())
+    fired = (pos + neg).clamp_min(1)
+    up, down = pos / fired >= share, neg / fired >= share
+    cos = F.normalize(truth.float(), dim=1) @ F.normalize(atoms.detach().float().cpu(), dim=1).t()  # [n, m]
+    plus = ((cos > threshold) & up).any(1) | ((cos < -threshold) & down).any(1)
+    minus = ((cos < -threshold) & up).any(1) | ((cos > threshold) & down).any(1)
+    return (plus & minus).float().mean().item()
 
 
 class Clusters:

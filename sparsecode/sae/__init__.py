@@ -1,3 +1,3 @@
 """Sparse dictionaries: each module registers one method."""
 
-from . import abstopk, batchtopk, gba, itda, jumprelu, matryoshka, mp, relu, topafa, topk, vsae  # noqa: F401
+from . import abstopk, batchtopk, gba, itda, jumprelu, matryoshka, mp, refit, relu, topafa, topk, vsae  # noqa: F401
