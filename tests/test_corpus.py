@@ -104,8 +104,9 @@ def test_stdlib_builder_keeps_docstrings_and_prose(tmp_path):
         return hashlib.sha256(name.encode()).digest()
 
     assert [r["source"] for r in lines] == sorted(["a.py", "pkg/b.py"], key=digest)  # in hash order, not by path
-    assert {r["source"]: r["text"] for r in lines}["pkg/b.py"] == ("Module b explains things.\n\nThis comment block is a real English sentence "
-                                "about the code below.\n\nReturn one, always.")
+    texts = {r["source"]: r["text"] for r in lines}
+    assert texts["pkg/b.py"] == ("Module b explains things.\n\nThis comment block is a real English sentence "
+                                 "about the code below.\n\nReturn one, always.")
     assert stdlib_corpus(root, tmp_path / "again.jsonl").read_bytes() == out.read_bytes()
 
 

@@ -1,6 +1,8 @@
 """Collapse-free codebooks at K = 16,384: training spreads simvq's and frozen_projector's codebooks (moved as a
 whole by one linear layer) over the data from a start that uses few codes, where plain vq trained by the same loss
-stays collapsed; vqbridge likewise at K = 1024. Each figure is compared with the same run before its first step."""
+stays collapsed; vqbridge likewise at K = 1024. Each figure is compared with the same run before its first step.
+Restarts are off and the starts are random clouds: this is the gradient path alone (the k-means start and the
+restarts, which need no gradient, are tested on real activations in test_codebooks_real.py)."""
 
 import tempfile
 from collections.abc import Callable
@@ -48,8 +50,9 @@ def test_training_spreads_simvq_and_frozen_projector_where_plain_vq_stays_collap
     """From codebooks at 0.3 of the data's spread (22-23% of the codes used), 60 steps of the codebook loss bring
     simvq and frozen_projector to ≥ 85% use (measured 94%, 89%) and cut FVU ≥ 2.5× (3.2×, 3.3×); plain vq trained
     by the same loss from random codes stays ≤ 30% used (26% → 28%)."""
-    simvq = before_and_after("simvq", {"m": K, "init_scale": 0.3}, 60, LR, K)
-    frozen = before_and_after("frozen_projector", {"m": K, "init": "samples"}, 60, LR, K, shrink_projector)
+    simvq = before_and_after("simvq", {"m": K, "init": "data", "init_scale": 0.3, "restart_after": 0}, 60, LR, K)
+    frozen = before_and_after("frozen_projector", {"m": K, "init": "samples", "restart_after": 0}, 60, LR, K,
+                              shrink_projector)
     plain = before_and_after("vq", {"m": K, "ema": False, "init": "random", "restart_after": 0}, 60, LR, K)
     for name, (first, last) in {"simvq": simvq, "frozen_projector": frozen}.items():
         assert first["utilisation"] < 0.3, (name, first)
@@ -61,8 +64,8 @@ def test_training_spreads_simvq_and_frozen_projector_where_plain_vq_stays_collap
 def test_vqbridge_training_spreads_its_codebook():
     """K = 1024, 60 steps: started at the data's scale the bridge goes from ~85% to ≥ 92% of its codes; the
     authors' zero recover layer (every code at one point) goes from one code to ≥ 30%, still below it."""
-    bridge = before_and_after("vqbridge", {"m": 1024}, 60, 3e-3, 8192)
-    zero = before_and_after("vqbridge", {"m": 1024, "init": "zero"}, 60, 3e-3, 8192)
+    bridge = before_and_after("vqbridge", {"m": 1024, "init": "data", "restart_after": 0}, 60, 3e-3, 8192)
+    zero = before_and_after("vqbridge", {"m": 1024, "init": "zero", "restart_after": 0}, 60, 3e-3, 8192)
     assert bridge[0]["utilisation"] < 0.88 and bridge[1]["utilisation"] >= 0.92, bridge
     assert bridge[1]["fvu"] < 0.95 * bridge[0]["fvu"] and bridge[1]["fvu"] < 0.3, bridge
     assert zero[0]["utilisation"] < 0.01 and 0.3 <= zero[1]["utilisation"] < bridge[1]["utilisation"], zero
