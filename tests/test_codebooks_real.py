@@ -30,10 +30,15 @@ def run(store, tmp_path, method: str, **coder) -> tuple[dict, float]:
     return evaluate(coder_, open_source(source, "train"), rows=80 * M, details=False), sum(churn) / len(churn)
 
 
+ALONE = pytest.mark.slow  # each remedy alone (the defaults use both)
+
+
 @pytest.mark.parametrize("method,options", [
     ("vq", {}), ("simvq", {}), ("frozen_projector", {}), ("vqbridge", {}),
-    ("simvq", {"init": "random"}), ("vqbridge", {"init": "zero"}),  # restarts alone rescue the papers' starts
-    ("simvq", {"restart_after": 0}), ("vqbridge", {"restart_after": 0}),  # and so does the k-means start alone
+    pytest.param("simvq", {"init": "random"}, marks=ALONE),  # restarts alone rescue the papers' starts
+    pytest.param("vqbridge", {"init": "zero"}, marks=ALONE),
+    pytest.param("simvq", {"restart_after": 0}, marks=ALONE),  # and so does the k-means start alone
+    pytest.param("vqbridge", {"restart_after": 0}, marks=ALONE),
 ], ids=["vq", "simvq", "frozen_projector", "vqbridge", "simvq-random-start", "vqbridge-zero-start",
         "simvq-no-restarts", "vqbridge-no-restarts"])
 def test_every_code_is_used_on_minilm(minilm_store, tmp_path, method, options):  # noqa: F811
