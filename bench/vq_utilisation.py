@@ -59,7 +59,7 @@ def peer(k: int, dead_code: float, args) -> dict:
            str(args.eval_per_code * k), "--dead-code", str(dead_code)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     r = json.loads(out)
-    return {"method": f"vector-quantize-pytorch (k-means, expiry below {dead_code:g})", "K": k, "ms_per_step": 0,
+    return {"method": f"vector-quantize-pytorch (k-means, expiry below {dead_code:g})", "K": k, "ms_per_step": None,
             "steps": steps_for(k, args), **r}
 
 
@@ -91,7 +91,8 @@ def measure(name: str, method: str, coder: dict, k: int, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-    p.add_argument("--methods", nargs="*", default=None, help="subset of the method names")
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="subset of the rows, by name (a method's name is its default row; vqp: the peer)")
     p.add_argument("--rows-per-code", type=float, default=16, help="training rows per code (sets the steps)")
     p.add_argument("--min-steps", type=int, default=300)
     p.add_argument("--kmeans-iters", type=int, default=None, help="default: each method's own")
@@ -116,13 +117,14 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for k in args.sizes:
         rows = [(name, method, coder) for name, (method, coder) in methods(k, args.kmeans_iters).items()
-                if not args.methods or name in args.methods or method in args.methods]
+                if not args.methods or name in args.methods]
         if args.store and args.peer_python.exists() and (not args.methods or "vqp" in args.methods):
             rows += [(None, dead, None) for dead in args.peer_dead_code]
         for name, method, coder in rows:
             r = measure(name, method, coder, k, args) if name else peer(k, method, args)
             print(f"| {r['method']} | {k} | {r['steps']} | {r['utilisation']:.1%} | {r['perplexity']:.0f} | "
-                  f"{r['fvu']:.4f} | {r['ms_per_step']:.0f} | {r['churn']:.1f} |", flush=True)
+                  f"{r['fvu']:.4f} | {'–' if r['ms_per_step'] is None else round(r['ms_per_step'])} | "
+                  f"{r['churn']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
