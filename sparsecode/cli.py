@@ -180,12 +180,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
     """Harvest MiniLM activations from the embedded corpus, train the default method, evaluate, report."""
     import shutil
 
+    from .data.corpus import open_corpus
     from .data.harvest import HarvestConfig, harvest
     from .data.source import SourceConfig
     from .evaluate import evaluate_run
     from .train import TrainConfig, train
 
-    store = Path(a.stores) / f"minilm-{a.hook}-{a.tokens}"
+    # named for the corpus too: a store of an older build of the corpus is left as it is, not refused
+    store = Path(a.stores) / f"minilm-{a.hook}-{a.tokens}-{open_corpus('stdlib').fingerprint()[:8]}"
     print(f"1/3 harvest: MiniLM-L6 {a.hook} over the Python stdlib docs corpus, {a.tokens} tokens -> {store}")
     harvest(HarvestConfig(out=str(store), model="minilm", hook=a.hook, corpus="stdlib", tokens=a.tokens),
             progress=not a.no_progress)
