@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint clean bench-data zoo bench-vq bench-latent bench-kv bench-throughput bench-wheels
+.PHONY: demo test test-slow lint clean bench-data zoo bench-vq bench-latent bench-kv bench-throughput bench-wheels bench-sae-real
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -52,6 +52,11 @@ $(BENCH_STAMP): pyproject.toml constraints.txt
 
 bench-throughput: $(BENCH_STAMP)
 	$(BENCH_PY) bench/throughput.py $(BENCH_ARGS)
+
+# SAEs on 1.2M MiniLM activations beside SAELens (issue 14); the harvest returns at once when the store is complete
+bench-sae-real: $(STAMP) $(BENCH_STAMP)
+	$(PY) -m sparsecode harvest --tokens 1200000 --out runs/stores/minilm-h --no-progress
+	OMP_NUM_THREADS=1 $(PY) bench/sae_real.py --store runs/stores/minilm-h $(BENCH_ARGS)
 
 # The peers as wheels for the GPU machine: HAVE= its `pip list --format=freeze` (see bench/gpu_wheels.py)
 bench-wheels: $(BENCH_STAMP)
