@@ -1,15 +1,15 @@
 """SAEs on real activations beside SAELens (issue 14): TopK, BatchTopK, Matryoshka, JumpReLU and ReLU on one store.
 
-Each method is trained by sparsecode (`sparsecode.train.train`, the method at its defaults but m, k, lr and the
-L1/L0 coefficient) and by SAELens (bench/contenders/saelens_train.py, in .venv-bench: its `SAETrainer` at its
-defaults but the same m, k, lr, batch and steps) on the same rows in the same order, then both are measured on
-the same held-out rows by sparsecode's CodeStats: FVU, L0, the share of latents that never fire on them (dead),
-and seconds of training. sparsecode's trainer `dead` (idle for its dead window, metrics.jsonl's last line) and
-SAELens's (idle for the same number of steps) are in the JSON lines written with `--json`.
+Each method is trained by sparsecode (`sparsecode.train.train`, the method at its defaults but m, k, lr, the
+L1/L0 coefficient and jumprelu's theta_init, see COEF) and by SAELens (bench/contenders/saelens_train.py, in
+.venv-bench: its `SAETrainer` at its defaults but the same m, k, lr, batch and steps) on the same rows in the same
+order, then both are measured on the same held-out rows by sparsecode's CodeStats: FVU, L0, the share of latents
+that never fire on them (dead on held-out) and seconds of training. The trainers' own dead share: sparsecode's
+`dead` (idle for its dead window, the last line of metrics.jsonl) and SAELens's latents idle for as many steps.
 
-ReLU and JumpReLU are penalised, not held to k: their coefficients (`--coef`, one pair per library) are set so
-that held-out L0 ≈ k (within ±15%), found by a short search; the lr is one value per architecture for both
-libraries (`--lr`), picked once on short runs.
+ReLU and JumpReLU are penalised, not held to k: their coefficients (`--coef`, `--peer-coef`) are set so that
+held-out L0 ≈ k (within ±15%), found by a small search on full-length runs (L0 at 200 steps did not carry over);
+the lr is one value per architecture for both libraries (`--lr`), picked once on 100-step runs.
 
     .venv/bin/python bench/sae_real.py --store runs/stores/minilm-h [--methods topk relu] [--steps 700]
     .venv/bin/python bench/sae_real.py --store runs/stores/minilm-h --methods relu --steps 200 \
@@ -42,10 +42,14 @@ METHODS = {
 # topk): 3e-3 gave both libraries their lowest held-out FVU on topk, batchtopk and matryoshka but sparsecode's topk at
 # 1e-2 (0.190 against 0.258, with 25% dead); see BENCHMARKS.md
 LR = {"topk": 3e-3, "batchtopk": 3e-3, "matryoshka": 3e-3, "jumprelu": 3e-3, "relu": 3e-3}
-# sparsity coefficients giving held-out L0 ≈ 32 at 700 steps of 1,024 (m = 4,096) on minilm-h
-COEF = {"jumprelu": 0.01, "relu": 0.05}  # sparsecode: l0_coef (per row, FVU scale), l1_coef (unitless)
-PEER_COEF = {"jumprelu": 1.0, "relu": 1.0}  # SAELens: l0_coefficient, l1_coefficient (summed-MSE scale)
-SET: dict[str, dict] = {}  # other options of sparsecode's methods, beyond their defaults
+# held-out L0 ≈ 32 (±15%) at 700 steps of 1,024, m = 4,096, lr 3e-3 on minilm-h, found on 700-step runs:
+# sparsecode relu l1_coef 0.12 → L0 39.7, 0.13 → 33.5; SAELens standard l1_coefficient 1.5 → 18.1, 1.0 → 30.6;
+# SAELens jumprelu l0_coefficient 1 → 10.1, 0.3 → 18.0, 0.1 → 42.8, 0.15 → 29.5. sparsecode's jumprelu L0 does
+# not follow l0_coef at this length (200 steps: 0.01 and 0.03 both L0 365): its log-θ moves at most ~lr per
+# Adam step, so L0 is set by where θ starts: theta_init 0.5 → 23.8, 1.0 → 9.3, 0.4 → 30.7 (l0_coef at its 0.01)
+COEF = {"jumprelu": 0.01, "relu": 0.13}  # sparsecode: l0_coef (per row, FVU scale), l1_coef (unitless)
+PEER_COEF = {"jumprelu": 0.15, "relu": 1.0}  # SAELens: l0_coefficient, l1_coefficient (summed-MSE scale)
+SET: dict[str, dict] = {"jumprelu": {"theta_init": 0.4}}  # other options of sparsecode's methods than their defaults
 
 
 def pairs(items: list[str] | None) -> dict[str, float]:
