@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint clean bench-data zoo bench-vq bench-latent bench-kv bench-throughput bench-wheels bench-sae-real
+.PHONY: demo test test-slow test-interop lint clean bench-data zoo bench-vq bench-latent bench-kv bench-throughput bench-wheels bench-sae-real
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -49,6 +49,24 @@ $(BENCH_STAMP): pyproject.toml constraints.txt
 	$(BENCH_PY) -m pip install -q -c constraints.txt sae-lens==6.54.12 eai-sparsify==1.3.3 vector-quantize-pytorch==1.32.0
 	$(BENCH_PY) -m pip install -q -c constraints.txt -e .
 	touch $(BENCH_STAMP)
+
+# SAELens, sparsify and dictionary_learning from PyPI, beside sparsecode, to check our files with their own loaders
+INTEROP_VENV ?= .venv-interop
+INTEROP_PY := $(INTEROP_VENV)/bin/python
+INTEROP_STAMP := $(INTEROP_VENV)/.installed
+
+$(INTEROP_STAMP): pyproject.toml constraints.txt
+	test -x $(INTEROP_PY) || python3 -m venv $(INTEROP_VENV)
+	$(INTEROP_PY) -m pip install -q --upgrade pip
+	$(INTEROP_PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(INTEROP_PY) -m pip install -q -c constraints.txt sae-lens==6.54.12 eai-sparsify==1.3.3 dictionary-learning==0.1.0 \
+		nnsight==0.3.7 pytest
+	$(INTEROP_PY) -m pip uninstall -y -q torchvision  # pulled in by nnsight; it breaks the CPU build's imports
+	$(INTEROP_PY) -m pip install -q -c constraints.txt -e .
+	touch $(INTEROP_STAMP)
+
+test-interop: $(INTEROP_STAMP)
+	$(INTEROP_PY) -m pytest -q -m interop tests/test_interop_libs.py
 
 bench-throughput: $(BENCH_STAMP)
 	$(BENCH_PY) bench/throughput.py $(BENCH_ARGS)

@@ -79,7 +79,7 @@ def ours(name: str, args) -> dict:
     coder.update(args.set.get(name, {}))
     source = SourceConfig(kind="store", path=str(args.store), heldout=args.heldout, seed=args.seed)
     cfg = TrainConfig(method=method, coder=coder, source=source, steps=args.steps, batch_size=args.batch,
-                      lr=args.lr[name], seed=args.seed, log_every=50, ckpt_every=10**9)
+                      lr=args.lr[name], seed=args.seed, log_every=50, ckpt_every=10**9, **args.train)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         coder_ = train(cfg, Path(d) / "run")
@@ -134,6 +134,8 @@ def main() -> None:
                    help="SAELens's l1_coefficient / l0_coefficient")
     p.add_argument("--set", nargs="*", default=None, metavar="METHOD.KEY=VALUE",
                    help="another option of a sparsecode method (default: SET)")
+    p.add_argument("--train", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="a TrainConfig option of sparsecode's runs other than its default (warmup_steps, decay, ...)")
     p.add_argument("--peer-python", type=Path, default=Path(".venv-bench/bin/python"), help="the venv with SAELens")
     p.add_argument("--peer-dead-window", choices=["default", "matched"], default="default",
                    help="SAELens's dead_feature_window: its default (1,000 steps) or sparsecode's dead window")
@@ -144,6 +146,8 @@ def main() -> None:
     args.coef = {**COEF, **pairs(args.coef)}
     args.peer_coef = {**PEER_COEF, **pairs(args.peer_coef)}
     args.set = options(args.set)
+    args.train = {k: json.loads(v) if v[:1] in "0123456789-[{" else v
+                  for k, _, v in (item.partition("=") for item in args.train or [])}
     if args.only != "sparsecode" and not args.peer_python.exists():
         raise SystemExit(f"{args.peer_python} not found: `make .venv-bench/.installed`, or --only sparsecode")
     print(f"store {args.store}, m = {args.m}, k = {args.k}, {args.steps} steps of {args.batch}, "

@@ -167,6 +167,25 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from .interop import check_line, export_run
+
+    r = export_run(Path(a.run), a.to, Path(a.out), a.rows)
+    print(f"{check_line(r)} on {r['data']} rows")
+    print(f"{r['method']} written as {a.to} to {r['out']}")
+    return 0
+
+
+def cmd_import(a: argparse.Namespace) -> int:
+    from .interop import check_line, import_folder
+
+    r = import_folder(a.src, Path(a.out), a.sae)
+    print(check_line(r))
+    print(f"{r['format']} {r['from']} imported as {r['method']} to {r['out']}; evaluate it with "
+          f"`sparsecode eval {r['out']} --data STORE`")
+    return 0
+
+
 def cmd_methods(a: argparse.Namespace) -> int:
     from .coder import methods
 
@@ -277,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_info)
 
     sub.add_parser("methods", help="list the registered methods").set_defaults(fn=cmd_methods)
+
+    x = sub.add_parser("export", help="write a run as SAELens, sparsify or dictionary_learning files, checked")
+    x.add_argument("run")
+    x.add_argument("--to", required=True, choices=["saelens", "sparsify", "dictionary_learning"])
+    x.add_argument("--out", required=True, help="a new folder")
+    x.add_argument("--rows", type=int, default=65536, help="held-out rows for SAELens's firing densities")
+    x.set_defaults(fn=cmd_export)
+
+    m = sub.add_parser("import", help="make a run of a SAELens, sparsify or dictionary_learning SAE, checked")
+    m.add_argument("src", help="a folder (or a Hugging Face repo id) holding the SAE or a release of several")
+    m.add_argument("--out", required=True, help="the new run folder")
+    m.add_argument("--sae", help="the subfolder of the SAE to import from a release folder holding several")
+    m.set_defaults(fn=cmd_import)
 
     from .data.harvest import add_harvest_command
 

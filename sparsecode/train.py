@@ -31,7 +31,7 @@ from .files import failpoint, read_jsonl, sweep_temps, writing
 from .metrics import CodeStats
 
 CONFIG = "config.json"
-RUN_FILES = {CONFIG, "metrics.jsonl", "checkpoints", ".lock", "eval.json", "diagnosis.json", "report"}
+RUN_FILES = {CONFIG, "metrics.jsonl", "checkpoints", ".lock", "eval.json", "diagnosis.json", "report", "origin.json"}
 
 
 @dataclass
@@ -60,7 +60,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         get_method(self.method)
-        positive(self, "steps", "batch_size")
+        positive(self, "batch_size")
+        non_negative(self, "steps")  # 0: an imported run, never trained here (the Trainer needs steps > 0)
         check(self.lr > 0 and math.isfinite(self.lr), f"lr must be positive, got {self.lr}")
         non_negative(self, "warmup_steps")
         check(self.decay in ("cosine", "linear", "constant"),
@@ -99,6 +100,7 @@ class Trainer:
                  progress: bool = True):
         cfg = copy.deepcopy(cfg)  # the run's own copy: the caller's config is never changed
         cfg.validate()
+        positive(cfg, "steps")
         self.cfg, self.run, self.progress = cfg, Path(run), progress
         self.device = pick_device(cfg.device)
         if source is None and cfg.source is None:

@@ -82,7 +82,8 @@ class Dictionary(Coder):
 
 
 class SAE(Dictionary):
-    """z = f(W_enc (x − b_dec) + b_enc); the encoder starts as the decoder's transpose."""
+    """z = f(W_enc (x − b_dec) + b_enc); the encoder starts as the decoder's transpose. With `center_input`
+    off (an option of the SAEs other formats hold) the encoder reads x itself: z = f(W_enc x + b_enc)."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -96,13 +97,18 @@ class SAE(Dictionary):
         """[B, m] dense pre-activations; `grad=False`: without autograd, scores for a selection whose kept
         values `attach` makes differentiable (kernels/sparse_encoder.py)."""
         if not grad:
-            return scores(x - self.b_dec, self.W_enc, self.b_enc)
-        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t())
+            return scores(self.centred(x), self.W_enc, self.b_enc)
+        return torch.addmm(self.b_enc, self.centred(x), self.W_enc.t())
+
+    def centred(self, x: Tensor) -> Tensor:
+        """What the encoder reads: x − b_dec, or x itself where `center_input` is off (SAELens's
+        apply_b_dec_to_input=False, dictionary_learning's JumpReLU)."""
+        return x - self.b_dec if getattr(self.cfg, "center_input", True) else x
 
     def attach(self, x: Tensor, code: Code) -> Code:
         """The sparse-gradient path: make a code picked from `pre_acts(x, grad=False)` differentiable in the
         encoder again, at its slots only (each active value is its pre-activation; inactive slots stay 0)."""
-        values = picked(x - self.b_dec, self.W_enc, self.b_enc, code.indices.clamp_min(0), code.values)
+        values = picked(self.centred(x), self.W_enc, self.b_enc, code.indices.clamp_min(0), code.values)
         return Code(code.indices, values * code.active(), code.size)
 
     def decode_dense(self, z: Tensor) -> Tensor:

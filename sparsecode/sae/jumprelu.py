@@ -64,6 +64,7 @@ class JumpReLUConfig(CoderConfig):
     l0_coef: float = 0.01  # λ of the L0 penalty (per row, next to FVU)
     bandwidth: float = 0.05  # ε of the rectangle kernel, in pre-activation units
     theta_init: float = 0.1
+    center_input: bool = True  # the encoder reads x − b_dec (False: x itself, as some imported SAEs do)
 
     def validate(self) -> None:
         super().validate()
@@ -80,10 +81,12 @@ class JumpReLUSAE(SAE):
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
         self.log_theta = nn.Parameter(torch.full((cfg.m,), math.log(cfg.theta_init)))
+        # the θ `encode` compares with: exp(log θ) after every step, or exactly what an imported file holds
+        self.register_buffer("theta", self.log_theta.detach().exp())
 
     def encode(self, x: Tensor) -> Code:
         self.check_input(x)
-        return threshold(self.pre_acts(x), self.log_theta.exp(), self.cfg.m)
+        return threshold(self.pre_acts(x), self.theta, self.cfg.m)
 
     def forward(self, x: Tensor) -> Output:
         self.check_input(x)
@@ -92,3 +95,13 @@ class JumpReLUSAE(SAE):
         z = z * (z != 0)  # gradient only where a latent fires, as through the packed code of `encode`
         l0 = _Step.apply(pre, theta, self.cfg.bandwidth).sum(1).mean()
         return self.dense_output(x, z, l0=self.cfg.l0_coef * l0)  # full-width code, one-matmul decode
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        super().after_step()
+        self.theta.copy_(self.log_theta.exp())
+
+    def _load_from_state_dict(self, state, prefix, *args, **kwargs):
+        if prefix + "theta" not in state and prefix + "log_theta" in state:  # saved before θ was kept
+            state[prefix + "theta"] = state[prefix + "log_theta"].exp()
+        super()._load_from_state_dict(state, prefix, *args, **kwargs)

@@ -24,6 +24,7 @@ from .base import SAE, dense_to_code, per_row_scale
 @dataclass
 class ReLUConfig(CoderConfig):
     l1_coef: float = 0.05  # λ, on the unitless scale above
+    center_input: bool = True  # the encoder reads x − b_dec (False: x itself, as some imported SAEs do)
 
     def validate(self) -> None:
         super().validate()

@@ -34,6 +34,7 @@ CALIBRATION_CHUNK = 1 << 24  # pre-activations scored at once while calibrating 
 @dataclass
 class TopKConfig(AuxKConfig):
     sparse_grad: bool = True  # encoder gradients only for the picked latents (False: dense reference)
+    center_input: bool = True  # the encoder reads x − b_dec (False: x itself, as some imported SAEs do)
     # not options of `topk` (no annotation: class constants); registered configs make them options
     selection = "topk"  # topk | abstopk | batchtopk: the rule of select.py that picks the code
     prefixes = "1"  # fractions of m whose prefixes each reconstruct x alone (nested.py); "1": none but m

@@ -1,0 +1,131 @@
+"""SAELens's on-disk SAE: `cfg.json` + `sae_weights.safetensors` (W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc,
+b_dec, `threshold` for jumprelu) and, once evaluated, `sparsity.safetensors` (log10 firing density).
+
+topk → "topk"; relu → "standard"; jumprelu → "jumprelu" (threshold = exp(log θ)); batchtopk and matryoshka →
+"jumprelu" with their one inference threshold in every slot, as SAELens saves its own BatchTopK; mp →
+"matching_pursuit" run for k rounds with no early stop. The method and options go into `metadata`
+(sparsecode_method, sparsecode_options), which SAELens keeps, so a BatchTopK comes back as one.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..coder import Coder
+from ..errors import SparsecodeError
+from ..files import atomic_write_json
+from .foreign import Foreign, flag, mp_reference, need, read_config, read_tensors, sae_reference, size
+
+NAME = "saelens"
+CFG, WEIGHTS, SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
+ARCH = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+        "matryoshka": "jumprelu", "mp": "matching_pursuit"}
+HOLDS = tuple(ARCH)
+
+
+def found(folder: Path) -> bool:
+    return (folder / CFG).is_file() and (folder / WEIGHTS).is_file()
+
+
+def write(coder: Coder, about: dict[str, Any], folder: Path) -> None:
+    """The coder as SAELens saves one (fp32); `about`: model, hook, context, corpus; `density` [m] if known."""
+    c, method = coder.cfg, coder.name
+    t = {"W_dec": coder.W_dec, "b_dec": coder.b_dec}
+    if method != "mp":
+        t.update(W_enc=coder.W_enc.T, b_enc=coder.b_enc)
+    if method == "jumprelu":
+        t["threshold"] = coder.theta
+    elif method in ("batchtopk", "matryoshka"):
+        t["threshold"] = torch.full((c.m,), float(coder.threshold))
+    cfg: dict[str, Any] = {
+        "architecture": ARCH[method], "d_in": c.d_in, "d_sae": c.m, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": bool(getattr(c, "center_input", True)), "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"model_name": about.get("model"), "hook_name": about.get("hook"),
+                     "context_size": about.get("context"), "dataset_path": about.get("corpus"),
+                     "prepend_bos": about.get("prepend_bos"), "sparsecode_method": method,
+                     "sparsecode_options": coder.config_dict()}}
+    if method == "topk":
+        cfg.update(k=c.k, rescale_acts_by_decoder_norm=False)
+    if method == "mp":
+        cfg.update(max_iterations=c.k, residual_threshold=0.0, stop_on_duplicate_support=False)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in t.items()}, folder / WEIGHTS)
+    atomic_write_json(folder / CFG, cfg)
+    if about.get("density") is not None:
+        save_file({"sparsity": about["density"].float().clamp_min(1e-10).log10()}, folder / SPARSITY)
+
+
+def read(folder: Path) -> Foreign:
+    cfg = read_config(folder / CFG)
+    where = folder / CFG
+    arch = cfg.get("architecture", "standard")
+    known = sorted(set(ARCH.values()))
+    if arch not in known:
+        raise SparsecodeError(f"{where}: architecture {arch!r} has no sparsecode method (sparsecode reads "
+                              f"{', '.join(known)})")
+    for key in ("normalize_activations", "reshape_activations"):
+        if cfg.get(key, "none") not in ("none", None):
+            raise SparsecodeError(f"{where}: {key}={cfg[key]!r} is not supported (only 'none')")
+    d, m = size(cfg, "d_in", where), size(cfg, "d_sae", where)
+    center = flag(cfg, "apply_b_dec_to_input", True, where)
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    tensors = read_tensors(folder / WEIGHTS)
+    wpath = folder / WEIGHTS
+    W_dec, b_dec = need(tensors, "W_dec", (m, d), wpath), need(tensors, "b_dec", (d,), wpath)
+    origin = {"format": NAME, "architecture": arch, "path": str(folder), "model": meta.get("model_name"),
+              "hook": meta.get("hook_name")}
+    if arch == "matching_pursuit":
+        steps = cfg.get("max_iterations") or d
+        if cfg.get("residual_threshold", 1e-2) not in (0, 0.0, None) or cfg.get("stop_on_duplicate_support", True):
+            raise SparsecodeError(f"{where}: matching pursuit with an early stop (residual_threshold="
+                                  f"{cfg.get('residual_threshold', 1e-2)}, stop_on_duplicate_support="
+                                  f"{cfg.get('stop_on_duplicate_support', True)}) has no sparsecode method: "
+                                  f"sparsecode's mp runs max_iterations rounds")
+        if not center:  # b_dec is then neither subtracted nor added: a zero bias is the same SAE
+            b_dec = torch.zeros_like(b_dec)
+        return Foreign("mp", {"d_in": d, "m": m, "k": steps}, {"W_dec": W_dec, "b_dec": b_dec},
+                       mp_reference(W_dec, b_dec, steps), origin)
+    W_enc, b_enc = need(tensors, "W_enc", (d, m), wpath), need(tensors, "b_enc", (m,), wpath)
+    state = {"W_enc": W_enc.T.contiguous(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    options: dict[str, Any] = {"d_in": d, "m": m, "center_input": center}
+    if arch == "standard":
+        return Foreign("relu", options, state, sae_reference(W_enc, b_enc, W_dec, b_dec, center), origin)
+    if arch == "topk":
+        if cfg.get("rescale_acts_by_decoder_norm", False):
+            raise SparsecodeError(f"{where}: rescale_acts_by_decoder_norm=true is not supported")
+        k = size(cfg, "k", where)
+        return Foreign("topk", {**options, "k": k}, state,
+                       sae_reference(W_enc, b_enc, W_dec, b_dec, center, k=k), origin)
+    theta = need(tensors, "threshold", (m,), wpath)
+    reference = sae_reference(W_enc, b_enc, W_dec, b_dec, center, threshold=theta)
+    kept = meta.get("sparsecode_method")
+    if kept in ("batchtopk", "matryoshka") and bool((theta == theta[0]).all()) and float(theta[0]) >= 0:
+        opts = dict(meta.get("sparsecode_options") or {})
+        opts.update(options)
+        return Foreign(kept, opts, {**state, "threshold": theta[0].clone(), "threshold_ema": theta[0].clone()},
+                       reference, origin)
+    return Foreign("jumprelu", options, {**state, "log_theta": exact_log(theta, where), "theta": theta}, reference,
+                   origin)
+
+
+def exact_log(theta: Tensor, where: Path) -> Tensor:
+    """fp32 log θ whose exp gives θ back bit for bit wherever one exists (the neighbours of the rounded log), for
+    training on from an imported θ (encode compares with θ itself)."""
+    if not bool((theta > 0).all()):
+        raise SparsecodeError(f"{where}: threshold holds {int((theta <= 0).sum())} values ≤ 0; sparsecode's "
+                              f"jumprelu holds positive thresholds")
+    log = theta.double().log().float()
+    best = log.clone()
+    for step in (1, -1, 2, -2):
+        near = log.clone()
+        for _ in range(abs(step)):
+            near = torch.nextafter(near, torch.full_like(near, math.inf if step > 0 else -math.inf))
+        fix = (best.exp() != theta) & (near.exp() == theta)
+        best = torch.where(fix, near, best)
+    return best
