@@ -42,13 +42,20 @@ BENCH_VENV ?= .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
+# a peers' venv: $(1) its folder, $(2) the packages beside torch and sparsecode (torchvision, which some pull
+# in, is removed: it breaks the CPU build's imports)
+define peer_venv
+	test -x $(1)/bin/python || python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(1)/bin/python -m pip install -q -c constraints.txt $(2)
+	$(1)/bin/python -m pip uninstall -y -q torchvision
+	$(1)/bin/python -m pip install -q -c constraints.txt -e .
+	touch $(1)/.installed
+endef
+
 $(BENCH_STAMP): pyproject.toml constraints.txt
-	test -x $(BENCH_PY) || python3 -m venv $(BENCH_VENV)
-	$(BENCH_PY) -m pip install -q --upgrade pip
-	$(BENCH_PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(BENCH_PY) -m pip install -q -c constraints.txt sae-lens==6.54.12 eai-sparsify==1.3.3 vector-quantize-pytorch==1.32.0
-	$(BENCH_PY) -m pip install -q -c constraints.txt -e .
-	touch $(BENCH_STAMP)
+	$(call peer_venv,$(BENCH_VENV),sae-lens==6.54.12 eai-sparsify==1.3.3 vector-quantize-pytorch==1.32.0)
 
 # SAELens, sparsify and dictionary_learning from PyPI, beside sparsecode, to check our files with their own loaders
 INTEROP_VENV ?= .venv-interop
@@ -56,14 +63,7 @@ INTEROP_PY := $(INTEROP_VENV)/bin/python
 INTEROP_STAMP := $(INTEROP_VENV)/.installed
 
 $(INTEROP_STAMP): pyproject.toml constraints.txt
-	test -x $(INTEROP_PY) || python3 -m venv $(INTEROP_VENV)
-	$(INTEROP_PY) -m pip install -q --upgrade pip
-	$(INTEROP_PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(INTEROP_PY) -m pip install -q -c constraints.txt sae-lens==6.54.12 eai-sparsify==1.3.3 dictionary-learning==0.1.0 \
-		nnsight==0.3.7 pytest
-	$(INTEROP_PY) -m pip uninstall -y -q torchvision  # pulled in by nnsight; it breaks the CPU build's imports
-	$(INTEROP_PY) -m pip install -q -c constraints.txt -e .
-	touch $(INTEROP_STAMP)
+	$(call peer_venv,$(INTEROP_VENV),sae-lens==6.54.12 eai-sparsify==1.3.3 dictionary-learning==0.1.0 nnsight==0.3.7 pytest)
 
 test-interop: $(INTEROP_STAMP)
 	$(INTEROP_PY) -m pytest -q -m interop tests/test_interop_libs.py
