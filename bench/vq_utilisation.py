@@ -37,11 +37,14 @@ def methods(k: int, kmeans_iters: int | None) -> dict[str, tuple[str, dict]]:
         "vq (k-means, restarts onto rows ∝ error, every 8)": ("vq", {"m": k, **km, "restart_to": "error",
                                                                      "restart_after": 8}),
         "vq": ("vq", {"m": k, **km}),
-        "simvq (paper: random basis, no restarts)": ("simvq", {"m": k, "init": "random", "restart_after": 0}),
+        "simvq (paper: random basis, no restarts)": ("simvq", {"m": k, "init": "random", "restart_after": 0,
+                                                               "refine": 0.0}),
         "simvq": ("simvq", {"m": k, **km}),
-        "frozen_projector (paper: no restarts)": ("frozen_projector", {"m": k, **km, "restart_after": 0}),
+        "frozen_projector (paper: no restarts)": ("frozen_projector", {"m": k, **km, "restart_after": 0,
+                                                                         "refine": 0.0}),
         "frozen_projector": ("frozen_projector", {"m": k, **km}),
-        "vqbridge (paper: zero start, no restarts)": ("vqbridge", {**bridge, "init": "zero", "restart_after": 0}),
+        "vqbridge (paper: zero start, no restarts)": ("vqbridge", {**bridge, "init": "zero", "restart_after": 0,
+                                                                    "refine": 0.0}),
         "vqbridge": ("vqbridge", {**bridge, **km}),
         "fsq": ("fsq", {"levels": [4] * round(math.log(k, 4))}),  # trained at FSQ_LR
     }

@@ -31,7 +31,7 @@ class CoderConfig:
         positive(self, "d_in")
         check(self.m > 0, f"m (dictionary size) must be positive, got {self.m}")
         check(self.dead_tokens is None or self.dead_tokens > 0,
-              f"dead_tokens must be positive (or none: a tenth of the run), got {self.dead_tokens}")
+              f"dead_tokens must be positive (or none: a twentieth of the run), got {self.dead_tokens}")
 
 
 DEAD_TOKENS_CAP = 10_000_000  # Gao et al.'s dead window; the auto window never exceeds it
@@ -39,11 +39,12 @@ DEAD_TOKENS_UNTIED = 1_000_000  # the window of a coder trained outside the trai
 
 
 def auto_dead_tokens(run_tokens: int) -> int:
-    """dead_tokens=None resolved when a run is created: a tenth of its tokens, at most 10M (the paper's window).
+    """dead_tokens=None resolved when a run is created: a twentieth of its tokens, at most 10M (the paper's window).
 
-    A tenth lets AuxK act on latents that died in the first 90% of any run, however short, while a latent
-    only counts as dead after 0.1·run tokens without firing (so rare live ones are not caught early)."""
-    return max(1, min(DEAD_TOKENS_CAP, run_tokens // 10))
+    A twentieth lets AuxK act on latents that died in the first 95% of any run, however short, while a latent
+    only counts as dead after 0.05·run tokens without firing (a tenth left more latents dead on MiniLM:
+    BENCHMARKS.md, SAEs on real activations)."""
+    return max(1, min(DEAD_TOKENS_CAP, run_tokens // 20))
 
 
 @dataclass

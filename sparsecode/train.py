@@ -44,7 +44,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 1024
     lr: float = 1e-3
-    warmup_steps: int = 50
+    warmup_steps: int = 10  # linear warm-up steps (50 cost short runs FVU: BENCHMARKS.md, SAEs on real activations)
     decay: str = "cosine"  # cosine | linear | constant, from lr down to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)

@@ -3,7 +3,7 @@ configs, topafa, vsae): the one place its loss and the training output around it
 
 The residual x − x̂ is reconstructed by the top `aux_k` latents among those dead for `dead_tokens` tokens,
 weighted by `aux_coef` (1/32 in the paper); both losses share the FVU scale. The paper's window is 10M tokens,
-longer than many runs: by default (None) the trainer ties it to the run, a tenth of its tokens capped at 10M
+longer than many runs: by default (None) the trainer ties it to the run, a twentieth of its tokens capped at 10M
 (`coder.auto_dead_tokens`), so AuxK acts within any run. The latents are picked by the
 method's per-row rule (`select.Rule`), which also says how live latents are hidden from the pick.
 """

@@ -56,6 +56,20 @@ class QuantizerConfig(SearchConfig):
         check(0 < self.split_step <= 1, f"split_step must be in (0, 1], got {self.split_step}")
 
 
+@dataclass
+class OffsetConfig(QuantizerConfig):
+    """Options of the quantizers whose codebook is computed (a shared map) plus a per-code offset."""
+
+    # each step, a used code's offset moves this share of the way to the mean of its batch rows (online k-means on
+    # top of the shared map, which still learns by gradient); 0: offsets stay where the start and restarts put
+    # them, and codes move only with the shared map (the papers' reading)
+    refine: float = 0.03
+
+    def validate(self) -> None:
+        super().validate()
+        check(0 <= self.refine < 1, f"refine must be in [0, 1), got {self.refine}")
+
+
 @torch.no_grad()
 def due_codes(coder: Coder, n_rows: int) -> tuple[Tensor, Tensor] | None:
     """(candidates, dead mask) among the longest-unused codes, at most one per batch row; None when none is due.
@@ -133,6 +147,14 @@ class Quantizer(Coder):
         self.idle_lowered()
         return dead.sum()
 
+    @torch.no_grad()
+    def refine_offsets(self, x: Tensor, code: Code, codes: Tensor) -> None:
+        """offset_i += refine · (mean of the batch's rows at code i − code i), for the codes the batch used."""
+        idx = code.indices[:, 0]
+        counts = codes.new_zeros(self.cfg.m).index_add_(0, idx, codes.new_ones(idx.shape[0]))  # no host read
+        means = torch.zeros_like(codes).index_add_(0, idx, x.to(codes.dtype)) / counts.clamp_min(1)[:, None]
+        self.offset += self.cfg.refine * (means - codes) * (counts > 0)[:, None]
+
     def clear_cache(self) -> None:
         self._cache = None
 
@@ -173,6 +195,8 @@ class Quantizer(Coder):
         stats = {}
         if self.training:
             self.track(code)
+            if getattr(self.cfg, "refine", 0.0):
+                self.refine_offsets(x.detach(), code, codes.detach())
             if self.cfg.restart_after:
                 stats["restarts"] = self.restart(x.detach(), q.detach(), codes.detach()).float()
         return Output(x + (q - x).detach(), code, losses, stats)

@@ -4,7 +4,8 @@ into the latent space is trained, by the codebook loss: C = P(C₀).
 
 Set the run's `init_rows` ≥ m: the codebook is drawn from the rows handed to `init_from_data`
 (with fewer rows than codes, rows repeat and the copies start unused). Restarts (our addition, base.py) move
-a long-unused code to split a busy one; `restart_after=0` is the paper's method.
+a long-unused code to split a busy one, and `refine` moves each used code's offset toward its rows' mean;
+`restart_after=0 refine=0` is the paper's method.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from torch import Tensor
 
 from ..coder import register
 from ..config import check
-from .base import Quantizer, QuantizerConfig, identity_linear
+from .base import OffsetConfig, Quantizer, identity_linear
 from .kmeans import KMeansConfig, kmeans, sample_rows
 
 
 @dataclass
-class FrozenProjectorConfig(QuantizerConfig, KMeansConfig):
+class FrozenProjectorConfig(OffsetConfig, KMeansConfig):
     init: str = "kmeans"  # kmeans | samples: how the frozen codebook is drawn from the data
     kmeans_iters: int = 5  # fewer Lloyd rounds than vq's: the projector corrects the rest
 

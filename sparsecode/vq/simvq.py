@@ -6,7 +6,8 @@ still move with the rest. Reading chosen: the layer is a plain `nn.Linear` (with
 How the codebook starts (`init`): `kmeans` (default, our addition) adds to each code a frozen offset that
 puts the codebook on k-means centres of the data, W = I: in 384-d activations a random cloud, even one of the
 data's own covariance (`data`), is farther from every row than the few codes of smallest spread, which take
-all rows; `random` is the paper's. Restarts split busy codes (base.py; `restart_after=0`: the paper's).
+all rows; `random` is the paper's. Restarts split busy codes and `refine` moves each used code's offset
+toward its rows' mean (base.py; `restart_after=0`, `refine=0`: the paper's, where codes move only with W).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from torch import Tensor
 
 from ..coder import register
 from ..config import check, positive
-from .base import Quantizer, QuantizerConfig, covariance_root, identity_linear
+from .base import OffsetConfig, Quantizer, covariance_root, identity_linear
 from .kmeans import KMeansConfig
 
 
 @dataclass
-class SimVQConfig(QuantizerConfig, KMeansConfig):
+class SimVQConfig(OffsetConfig, KMeansConfig):
     init: str = "kmeans"  # kmeans (codes start on k-means centres) | data (W, b: a cloud of the data's covariance,
     #                       scaled by init_scale) | random (the paper's)
     legacy: ClassVar[dict] = {"data_init": ("init", {True: "data", False: "random"})}

@@ -12,7 +12,8 @@ random base codes, and also works when K is not a square. The authors start the 
 codes at one point, `init=zero`); by default (`init=kmeans`, our addition) the recover layer still starts at
 zero and each code gets a frozen offset that puts the codebook on k-means centres of the data, which the
 bridge then moves as one; `init=data` starts the recover layer at the data's scale, a random cloud that on
-384-d activations collapses onto its few codes of smallest spread. Restarts split busy codes (base.py). The annealing
+384-d activations collapses onto its few codes of smallest spread. Restarts split busy codes and `refine`
+moves each used code's offset toward its rows' mean (base.py; `refine=0`: the authors'). The annealing
 is the learning-rate schedule: train with the trainer's cosine decay down to a small `min_lr_ratio` (the
 authors anneal to 0.01).
 """
@@ -28,12 +29,12 @@ from torch import Tensor, nn
 
 from ..coder import register
 from ..config import check, non_negative, positive
-from .base import Quantizer, QuantizerConfig
+from .base import OffsetConfig, Quantizer
 from .kmeans import KMeansConfig
 
 
 @dataclass
-class VQBridgeConfig(QuantizerConfig, KMeansConfig):
+class VQBridgeConfig(OffsetConfig, KMeansConfig):
     group: int = 16  # g: consecutive codes per token (a 4×4 patch in the paper); m must divide by it
     hidden: int = 64  # token width (heads × 16 in the paper's "S" size)
     heads: int = 4
