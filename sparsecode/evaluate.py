@@ -98,7 +98,8 @@ def held_out_source(run: Path, cfg: Any, data: str | None, verb: str) -> tuple[S
         src_cfg.heldout = 0.0
         return src_cfg, open_source(src_cfg, "train")
     if cfg.source.kind == "memory":
-        raise SparsecodeError(f"run {run} was trained on in-memory data; {verb} it with --data FILE.npy")
+        why = "was imported" if (Path(run) / "origin.json").is_file() else "was trained on in-memory data"
+        raise SparsecodeError(f"run {run} {why}; {verb} it with --data FILE.npy or --data STORE")
     return cfg.source, open_source(cfg.source, "eval")
 
 

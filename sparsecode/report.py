@@ -30,8 +30,11 @@ def _png(fig) -> bytes:
 
 
 def read_log(run: Path) -> list[dict[str, Any]]:
+    """The training log; an imported run (origin.json, never trained here) has none."""
     log = Path(run) / "metrics.jsonl"
     if not log.is_file():
+        if (Path(run) / "origin.json").is_file():
+            return []
         raise SparsecodeError(f"{run} has no metrics.jsonl; is it a run folder?")
     return read_jsonl(log)
 
@@ -108,6 +111,15 @@ def diagnosis_section(run: Path, diagnosis: dict[str, Any] | None = None) -> str
             f"<pre>{html.escape(str(diagnosis.get('text', '')))}</pre>")
 
 
+def origin_section(run: Path) -> str:
+    """Where an imported run came from (its origin.json), or nothing for a run trained here."""
+    if not (run / "origin.json").is_file():
+        return ""
+    origin = read_json(run / "origin.json")
+    keys = ("format", "architecture", "source", "sae", "model", "hook")
+    return f"<h2>imported</h2>{_table({k: origin.get(k) for k in keys if isinstance(origin, dict)})}"
+
+
 def write_report(run: Path, result: dict[str, Any], out: Path | None = None,
                  diagnosis: dict[str, Any] | None = None) -> Path:
     """Write `<run>/report/index.html` (plots embedded, PNGs beside it, the diagnosis of `diagnosis_section`
@@ -123,9 +135,12 @@ def write_report(run: Path, result: dict[str, Any], out: Path | None = None,
     log = read_log(run)
     out = Path(out) if out else run / "report"
     out.mkdir(parents=True, exist_ok=True)
-    plots = {"curves": curves_plot(log), "usage": usage_plot(log)}
+    plots = {"curves": curves_plot(log), "usage": usage_plot(log)} if log else {}
     if "frequency_histogram" in result:
         plots["frequencies"] = histogram_plot(result["frequency_histogram"])
+    sweep = run / "report" / "steer_sweep.png"  # written by `sparsecode steer --sweep`
+    if sweep.is_file():
+        plots["steer_sweep"] = sweep.read_bytes()
     for name, png in plots.items():
         atomic_write(out / f"{name}.png", png)
     imgs = "".join(f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
@@ -143,7 +158,7 @@ img{{max-width:100%}}code,pre{{background:#f4f4f4}}pre{{padding:.5em;white-space
 <h1>{html.escape(run.name)}: {html.escape(str(cfg["method"]))}</h1>
 <p>coder <code>{html.escape(json.dumps(cfg["coder"]))}</code>;
 source <code>{html.escape(json.dumps(cfg["source"]))}</code>; {html.escape(str(cfg["steps"]))} steps of
-{html.escape(str(cfg["batch_size"]))}</p>
+{html.escape(str(cfg["batch_size"]))}</p>{origin_section(run)}
 <h2>held-out evaluation</h2>{_table(main)}{sections}
 {diagnosis_section(run, diagnosis)}
 <h2>plots</h2>{imgs}
@@ -160,8 +175,11 @@ def compare(runs: list[Path], out: Path) -> list[dict[str, Any]]:
         if not run.is_dir():
             raise SparsecodeError(f"run directory not found: {run}")
         cfg = read_json(run / "config.json")
-        last = read_log(run)[-1]
+        log = read_log(run)
         ev = read_json(run / "eval.json") if (run / "eval.json").is_file() else {}
+        if not log and not ev:
+            raise SparsecodeError(f"{run} was imported and not evaluated yet: sparsecode eval {run} --data STORE")
+        last = log[-1] if log else {"fvu": None, "l0": None, "dead": None, "utilisation": None}
         rows.append({
             "run": str(run), "method": cfg["method"], "m": cfg["coder"].get("m"), "k": cfg["coder"].get("k"),
             "fvu": ev.get("fvu", last["fvu"]), "l0": ev.get("l0", last["l0"]), "dead": last["dead"],

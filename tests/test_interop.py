@@ -153,6 +153,9 @@ def test_imported_run_evaluates_like_the_files_forward(runs, tmp_path, capsys):
     assert result["fvu"] == pytest.approx(fvu, abs=1e-4) and result["l0"] == pytest.approx(float((z != 0).sum(1)
                                                                                                   .float().mean()))
     assert main(["info", str(tmp_path / "run")]) == 0
+    assert main(["report", str(tmp_path / "run"), "--data", str(data)]) == 0
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert "<h2>imported</h2>" in page and "sparsify" in page and "held-out evaluation" in page
 
 
 def test_exact_log_gives_the_threshold_back():
