@@ -342,6 +342,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
           f"      sparsecode eval {out} --json    (every held-out figure)\n"
           f"      sparsecode steer {out} --prompt \"def read the file\" --feature 5 --scale 8    (steer a feature)\n"
           f"      sparsecode ablate {out} --prompt \"def read the file\" --feature 5    (its effect per token)\n"
+          f"      sparsecode features {out} && sparsecode browse {out}    (explore every feature in a browser)\n"
           f"      sparsecode train --out {out} --resume --steps {2 * a.steps}    (train it further)")
     return 0
 
@@ -444,8 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=cmd_steer if name == "steer" else cmd_ablate)
 
     from .data.harvest import add_harvest_command
+    from .features import add_feature_commands
 
     add_harvest_command(sub)
+    add_feature_commands(sub)
 
     d = sub.add_parser("demo", help="harvest MiniLM activations, train the default method, evaluate")
     d.add_argument("--out", default="runs/demo")
@@ -463,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 RESUME_HINT = {"train": "the run resumes from its last checkpoint with the same command and --resume",
                "harvest": "run the same harvest command again to resume it",
+               "features": "run the same features command again to resume it",
                "demo": "run it again: the harvest resumes and the run starts afresh"}
 
 

@@ -31,7 +31,8 @@ from .files import failpoint, read_jsonl, sweep_temps, writing
 from .metrics import CodeStats
 
 CONFIG = "config.json"
-RUN_FILES = {CONFIG, "metrics.jsonl", "checkpoints", ".lock", "eval.json", "diagnosis.json", "report", "origin.json"}
+RUN_FILES = {CONFIG, "metrics.jsonl", "checkpoints", ".lock", "eval.json", "diagnosis.json", "report", "origin.json",
+             "features.sqlite"}
 
 
 @dataclass
