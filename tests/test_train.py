@@ -177,7 +177,7 @@ def test_the_callers_config_is_left_as_it_was(tmp_path):
 
 
 def test_an_auto_dead_window_is_resolved_once_and_kept_when_a_resume_changes_steps(tmp_path):
-    """dead_tokens=None becomes a tenth of the run's tokens in config.json; resuming with more steps (the same
+    """dead_tokens=None becomes a twentieth of the run's tokens in config.json; resuming with more steps (the same
     config object, dead_tokens still None) keeps that window instead of resolving it again."""
     import dataclasses
 
@@ -187,9 +187,9 @@ def test_an_auto_dead_window_is_resolved_once_and_kept_when_a_resume_changes_ste
     cfg = TrainConfig(method="topk", coder={"m": 32, "k": 4}, steps=20, batch_size=64, init_rows=64, log_every=10)
     train(cfg, tmp_path / "run", source=TensorSource(data))
     saved = lambda: json.loads((tmp_path / "run" / "config.json").read_text())  # noqa: E731
-    assert saved()["coder"]["dead_tokens"] == 128 and load_coder(tmp_path / "run").cfg.dead_tokens == 128
+    assert saved()["coder"]["dead_tokens"] == 64 and load_coder(tmp_path / "run").cfg.dead_tokens == 64
     coder = train(dataclasses.replace(cfg, steps=40), tmp_path / "run", source=TensorSource(data), resume=True)
-    assert saved()["steps"] == 40 and saved()["coder"]["dead_tokens"] == coder.cfg.dead_tokens == 128
+    assert saved()["steps"] == 40 and saved()["coder"]["dead_tokens"] == coder.cfg.dead_tokens == 64
     assert latest_checkpoint(tmp_path / "run").name == "step-0000040"
     explicit = dataclasses.replace(cfg, coder={"m": 32, "k": 4, "dead_tokens": 1000})
     assert train(explicit, tmp_path / "explicit", source=TensorSource(data)).cfg.dead_tokens == 1000
@@ -201,7 +201,7 @@ def test_a_calibrated_run_resumed_with_more_steps_ends_as_a_straight_run(tmp_pat
     def cfg(steps: int) -> TrainConfig:
         return TrainConfig(method="batchtopk", coder={"m": 64, "k": 4, "dead_tokens": 2048}, steps=steps,
                            source=SourceConfig(options={"d": 16, "n_features": 32, "active": 2}), batch_size=128,
-                           ckpt_every=10, log_every=10, init_rows=256)
+                           ckpt_every=10, log_every=10, init_rows=256, decay="constant")  # lr not tied to the length
 
     train(cfg(40), tmp_path / "straight")
     train(cfg(20), tmp_path / "resumed")
