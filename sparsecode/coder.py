@@ -26,10 +26,16 @@ class CoderConfig:
     m: int = 1024  # atoms in the dictionary / codes in the codebook
     # an atom that has not fired for this many tokens counts as dead (AuxK's window); None: `auto_dead_tokens`
     dead_tokens: int | None = None
+    # a transcoder's target width (0: an autoencoder, whose output is its input); the trainer fills it from a
+    # source that gives a target. Only methods with `transcodes` accept it.
+    d_out: int = 0
+    skip: bool = False  # a transcoder's linear skip path: output = decode(code) + x_in · W_skipᵀ (W_skip starts at 0)
 
     def validate(self) -> None:
         positive(self, "d_in")
         check(self.m > 0, f"m (dictionary size) must be positive, got {self.m}")
+        check(self.d_out >= 0, f"d_out must be 0 (an autoencoder) or a target width, got {self.d_out}")
+        check(not self.skip or self.d_out > 0, "skip needs a target: set d_out (a transcoder)")
         check(self.dead_tokens is None or self.dead_tokens > 0,
               f"dead_tokens must be positive (or none: a twentieth of the run), got {self.dead_tokens}")
 
@@ -79,10 +85,15 @@ class Coder(nn.Module):
 
     name: ClassVar[str]
     config_class: ClassVar[type[CoderConfig]] = CoderConfig
+    transcodes: ClassVar[bool] = False  # whether d_out > 0 (decode to a target other than the input) is supported
 
     def __init__(self, cfg: CoderConfig):
         super().__init__()
         cfg.validate()
+        if cfg.d_out and not self.transcodes:
+            able = ", ".join(n for n, c in sorted(REGISTRY.items()) if c.transcodes)
+            raise SparsecodeError(f"method {self.name!r} cannot transcode (d_out={cfg.d_out}): it only reconstructs "
+                                  f"its input; transcoders: {able}")
         self.cfg = cfg
         # tokens since each atom last fired; drives dead-latent counts, AuxK and code restarts
         self.register_buffer("since_fired", torch.zeros(cfg.m, dtype=torch.long))
@@ -107,9 +118,10 @@ class Coder(nn.Module):
         """[m, d_in] the dictionary in input space (decoder rows, or codebook vectors)."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> Output:
-        """The training pass: by default encode, decode and score FVU; methods with more losses override."""
-        return self.reconstruct(x, self.encode(x))
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
+        """The training pass: by default encode, decode and score FVU (of `target`, a transcoder's, else of x);
+        methods with more losses override."""
+        return self.reconstruct(x if target is None else target, self.encode(x))
 
     def reconstruct(self, x: Tensor, code: Code, **losses: Tensor) -> Output:
         """Decode `code`, count atom usage in training, and return FVU plus any extra loss terms."""
@@ -119,6 +131,15 @@ class Coder(nn.Module):
         if self.training:
             self.track(code)
         return Output(x_hat, code, {"fvu": fvu(x, x_hat), **losses})
+
+    def transcode(self, x: Tensor) -> Tensor:
+        """The coder's output for input rows x: decode(encode(x)) (a transcoder adds its skip path)."""
+        return self.decode(self.encode(x))
+
+    @property
+    def d_out(self) -> int:
+        """Width of the output: the target's (a transcoder) or the input's."""
+        return self.cfg.d_out or self.cfg.d_in
 
     # --- hooks for the trainer ------------------------------------------------------------------
     def init_from_data(self, x: Tensor) -> None:

@@ -3,14 +3,15 @@
 Causal LMs score next-token cross-entropy. Encoders without an LM head (MiniLM, BERT) score the
 embedding they exist to produce: 1 − cos between the clean and the spliced mean-pooled last hidden state
 (0 when clean). Either way, loss recovered = (L_zero − L_spliced) / (L_zero − L_clean), as SAELens and
-SAEBench report it: 1 for a perfect reconstruction, 0 for zero-ablation.
+SAEBench report it: 1 for a perfect reconstruction, 0 for zero-ablation. A transcoder (a paired store's) is
+spliced at its target site, its output computed from the activation at its input site in the same pass (`read`).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from itertools import islice
 from typing import Any
 
@@ -39,6 +40,40 @@ def reconstruct_with(coder: Coder) -> Patch:
         return coder.decode(coder.encode(flat)).reshape(a.shape).to(a.dtype)
 
     return patch
+
+
+def transcode_with(coder: Coder) -> Patch:
+    """[..., d_in] input-site activations → the coder's output [..., d_out] (a transcoder's, skip path included)."""
+
+    def patch(a: Tensor) -> Tensor:
+        flat = a.reshape(-1, a.shape[-1]).float()
+        return coder.transcode(flat).reshape(*a.shape[:-1], -1).to(a.dtype)
+
+    return patch
+
+
+def _first_input(args: tuple, kwargs: dict) -> Tensor:
+    if args:
+        return args[0]
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else next(v for v in kwargs.values()
+                                                                          if isinstance(v, Tensor))
+
+
+@contextmanager
+def captured(module: nn.Module, point: str = "output") -> Iterator[list[Tensor]]:
+    """Yield a list that receives the module's output (or first input) at each forward pass while open."""
+    check(point in ("output", "input"), f"hook point must be output or input, got {point!r}")
+    seen: list[Tensor] = []
+    if point == "output":
+        handle = module.register_forward_hook(
+            lambda m, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    else:
+        handle = module.register_forward_pre_hook(lambda m, args, kwargs: seen.append(_first_input(args, kwargs)),
+                                                  with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 @contextmanager
@@ -86,8 +121,12 @@ def _outputs(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
 
 @torch.no_grad()
 def spliced_loss(model: nn.Module, hook: str, patch: Patch, ids: Tensor, mask: Tensor | None = None,
-                 point: str = "output", where: Tensor | None = None, batch_size: int = 16) -> dict[str, Any]:
-    """Clean, spliced and zero-ablated downstream loss over token contexts `ids` [N, T], and loss recovered."""
+                 point: str = "output", where: Tensor | None = None, batch_size: int = 16,
+                 read: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Clean, spliced and zero-ablated downstream loss over token contexts `ids` [N, T], and loss recovered.
+
+    `read` (module, point): the spliced run's patch reads the activation there, not the one it replaces (a
+    transcoder: e.g. an MLP's output replaced by the coder applied to the MLP's input)."""
     check(ids.ndim == 2, f"token ids must be [contexts, tokens], got {tuple(ids.shape)}")
     module = find_module(model, hook)
     device = next(model.parameters()).device
@@ -101,7 +140,11 @@ def spliced_loss(model: nn.Module, hook: str, patch: Patch, ids: Tensor, mask: T
         clean = _outputs(model, b_ids, b_mask)
         runs = {"clean": clean}
         for name, fn in (("spliced", patch), ("zero", torch.zeros_like)):
-            with patched(module, fn, point, b_where):
+            with ExitStack() as stack:
+                if name == "spliced" and read is not None:
+                    seen = stack.enter_context(captured(find_module(model, read[0]), read[1]))
+                    fn = (lambda a, seen=seen: patch(seen[-1]))  # noqa: E731 - the read site's latest rows
+                stack.enter_context(patched(module, fn, point, b_where))
                 runs[name] = _outputs(model, b_ids, b_mask)
         if causal:
             valid = b_mask[:, 1:].bool()
@@ -144,5 +187,9 @@ def splice_store(coder: Coder, store_path: str, heldout: float = 0.05, contexts:
     device = next(model.parameters()).device
     if next(iter(coder.buffers())).device != device:  # a copy: the caller's coder stays where it is
         coder = copy.deepcopy(coder).to(device)
-    result = spliced_loss(model, m["hook"], reconstruct_with(coder), ids, mask, m["hook_point"], where)
+    if m.get("target"):  # a paired store: splice the coder's output at the target, computed from the hook's input
+        result = spliced_loss(model, m["target"], transcode_with(coder), ids, mask, m["target_point"], where,
+                              read=(m["hook"], m["hook_point"]))
+    else:
+        result = spliced_loss(model, m["hook"], reconstruct_with(coder), ids, mask, m["hook_point"], where)
     return {**result, "contexts": len(ctxs)}

@@ -112,6 +112,14 @@ class Trainer:
         d = cfg.coder.get("d_in", 0) or self.source.d
         check(d == self.source.d, f"the data has d={self.source.d} but the run expects d_in={d}")
         cfg.coder = {**cfg.coder, "d_in": d}
+        # a source with a target (`d_out` > 0) gives [n, d_in + d_out] rows, input then target: a transcoder's run
+        d_out, want = int(getattr(self.source, "d_out", 0) or 0), cfg.coder.get("d_out", 0) or 0
+        if d_out:
+            check(want in (0, d_out), f"the source's target has d_out={d_out} but the run expects d_out={want}")
+            cfg.coder["d_out"] = d_out
+        elif want:
+            raise SparsecodeError(f"d_out={want} (a transcoder) needs a source that gives a target "
+                                  f"(a paired store: harvest --target)")
         # dead_tokens None: resolved here, saved in config.json, and on resume taken from there (`start`)
         self.auto_dead_tokens = cfg.coder.get("dead_tokens") is None
         if self.auto_dead_tokens:
@@ -192,8 +200,11 @@ class Trainer:
         ck.atomic_write_json(run / CONFIG, to_dict(self.cfg))
         failpoint("config-written")
         if self.cfg.init_rows:
-            sample = self._batch(self.cfg.init_rows)
-            self.coder.init_from_data(sample)
+            x, y = self._pair(self._batch(self.cfg.init_rows))
+            if y is None:
+                self.coder.init_from_data(x)
+            else:
+                self.coder.init_from_data(x, target=y)
 
     def _truncate_log(self) -> None:
         """Drop log lines written after the checkpoint we resume from (and a line torn by a kill)."""
@@ -204,19 +215,26 @@ class Trainer:
 
     def _batch(self, n: int) -> torch.Tensor:
         x = self.source.next_batch(n)
-        if x.ndim != 2 or x.shape[1] != self.coder.cfg.d_in:
+        width = self.coder.cfg.d_in + self.coder.cfg.d_out  # a transcoder's rows: input, then target
+        if x.ndim != 2 or x.shape[1] != width:
             raise SparsecodeError(f"the source gave a batch of shape {tuple(x.shape)}, "
-                                  f"expected [{n}, {self.coder.cfg.d_in}]")
+                                  f"expected [{n}, {width}]")
         if not torch.isfinite(x).all():
             raise SparsecodeError(f"the batch at step {self.step} contains NaN or inf values")
         return x.to(self.device, torch.float32, non_blocking=True)
 
+    def _pair(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(input, target) of a batch: a transcoder's rows split at d_in; an autoencoder's target is None."""
+        d = self.coder.cfg.d_in
+        return (rows, None) if not self.coder.cfg.d_out else (rows[:, :d], rows[:, d:])
+
     # --- the loop ------------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor):
+    def train_step(self, x: torch.Tensor, target: torch.Tensor | None = None):
         """One step (forward, backward, gradient hooks, clipping, optimizer); it never waits for the GPU
-        except where a method's table row says so (README: What each method guarantees)."""
+        except where a method's table row says so (README: What each method guarantees). `target`: a
+        transcoder's, which its loss scores the output against."""
         with self.autocast:
-            out = self.coder(x)
+            out = self.coder(x) if target is None else self.coder(x, target=target)
             loss = sum(out.losses.values())
         if self.opt is not None and loss.requires_grad:
             self.opt.zero_grad(set_to_none=True)
@@ -243,10 +261,10 @@ class Trainer:
                    dynamic_ncols=True, mininterval=0.5)
         with open(self.run / "metrics.jsonl", "a") as log:
             while self.step < cfg.steps:
-                x = self._batch(cfg.batch_size)
-                out, loss = self.train_step(x)
+                x, y = self._pair(self._batch(cfg.batch_size))
+                out, loss = self.train_step(x, y)
                 self.step += 1
-                stats.update(x, out.x_hat, out.code)
+                stats.update(x if y is None else y, out.x_hat, out.code)
                 for key, value in {"loss": loss, **{f"loss/{k}": v for k, v in out.losses.items()},
                                    **out.stats}.items():  # summed on the device; read when logged
                     value = value.detach().float() if isinstance(value, torch.Tensor) else value
@@ -280,7 +298,7 @@ class Trainer:
         They are read past the run's end, so the checkpoint keeps the position before them."""
         rows = self.coder.calibration_rows()
         if rows:
-            self.coder.calibrate(self._batch(rows))
+            self.coder.calibrate(self._pair(self._batch(rows))[0])
 
     def _check_finite(self, loss_sum: torch.Tensor | float, since: int) -> None:
         """Raise before anything is logged or saved if a loss since step `since` was NaN or infinite."""

@@ -2,7 +2,9 @@
 
 The hooked module's output (or input) is kept for every content token of the packed contexts (see
 `contexts.py`). Contexts run in fixed batches from the corpus start, so a resumed harvest recomputes exactly
-the batch it stopped in and the store equals a straight run's.
+the batch it stopped in and the store equals a straight run's. With `target` (a second module, `--target`,
+and its `--target-point`) both sites are captured in the same forward pass and the target's rows are stored
+beside `acts` under the key `target`, row for row: a paired store for transcoders.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import check, positive
 from ..device import pick_device
+from ..errors import SparsecodeError
 from ..files import writing
-from ..model import Hooked, load_model
+from ..model import Hooked, _Stop, find_module, load_model
 from .contexts import Layout, ModelSpec, batches, pack, run_contexts
 from .corpus import Corpus, open_corpus
 from .store import DTYPES, FORMATS, StoreWriter, check_store_folder, has_shards
@@ -31,9 +36,14 @@ class HarvestConfig(ModelSpec):
     dtype: str = "fp16"
     file_format: str = "safetensors"
     shard_tokens: int = 131072
+    target: str = ""  # a second module whose activations are stored beside acts (a transcoder's target); "": none
+    target_point: str = "output"  # output | input of the target module
 
     def validate(self) -> None:
         super().validate()
+        check(self.target_point in ("output", "input"),
+              f"target point must be output or input, got {self.target_point!r}")
+        check(bool(self.target) or self.target_point == "output", "--target-point needs a --target")
         check(bool(self.out), "a harvest needs an output folder (--out)")
         positive(self, "tokens")
         check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -50,9 +60,11 @@ def harvest(cfg: HarvestConfig, progress: bool = False,
     cfg.validate()
     corpus = open_corpus(cfg.corpus, cfg.text_field)
     model, tokenizer, revision = load_model(cfg.model, cfg.revision, pick_device(cfg.device), cfg.tokenizer)
-    hooked = Hooked(model, cfg.hook, cfg.hook_point)
+    hooked = Paired(model, cfg.hook, cfg.hook_point, cfg.target, cfg.target_point) if cfg.target else \
+        Hooked(model, cfg.hook, cfg.hook_point)
     layout = Layout.of(tokenizer, cfg.context, cfg.prepend_bos)
-    header = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "tokens")}
+    unpaired = () if cfg.target else ("target", "target_point")  # a store without a target keeps the old header
+    header = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "tokens", *unpaired)}
     header.update(model_revision=revision, corpus_fingerprint=corpus.fingerprint(), tokens_requested=cfg.tokens)
     out = Path(cfg.out)
     check_store_folder(out)  # a folder of other files gets no lock file either
@@ -75,6 +87,9 @@ def _harvest_into(writer: StoreWriter, cfg: HarvestConfig, corpus: Corpus, token
     contexts = pack(corpus, tokenizer, layout, tuple(resume["cursor"]))
     for group in batches(contexts, cfg.batch_contexts, cfg.tokens - row):
         rows = run_contexts(hooked, group)
+        if isinstance(hooked, Paired):  # [rows, d_in + d_out]: the input's columns, then the target's
+            rows["target"] = rows["acts"][:, hooked.d_in:]
+            rows["acts"] = rows["acts"][:, :hooked.d_in]
         n = min(len(rows["acts"]), cfg.tokens - row)
         new = {k: v[skip:n] for k, v in rows.items()}
         written = writer.add(new, {"cursor": list(group[0].cursor), "row": row})
@@ -86,6 +101,48 @@ def _harvest_into(writer: StoreWriter, cfg: HarvestConfig, corpus: Corpus, token
                 on_shard(shards)
     bar.close()
     return writer.finish()
+
+
+class Paired:
+    """Runs token batches up to the later of two sites (module, output|input) and returns both activations side by
+    side, [B, T, d_in + d_out] (input site first; its width in `d_in`), float32 on the CPU."""
+
+    def __init__(self, model: Any, hook: str, point: str, target: str, target_point: str):
+        self.model, self.device = model, next(model.parameters()).device
+        self.sites = [(find_module(model, hook), point), (find_module(model, target), target_point)]
+        self.d_in = 0
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        seen: dict[int, torch.Tensor] = {}
+
+        def grab(i: int, x: Any) -> None:
+            seen.setdefault(i, (x[0] if isinstance(x, tuple) else x).clone())
+            if len(seen) == 2:
+                raise _Stop
+
+        handles = []
+        for i, (module, point) in enumerate(self.sites):
+            if point == "output":
+                handles.append(module.register_forward_hook(lambda m, args, out, i=i: grab(i, out)))
+            else:
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, args, kwargs, i=i: grab(i, args[0] if args else kwargs.get(
+                        "hidden_states", next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))),
+                    with_kwargs=True))
+        try:
+            self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if len(seen) < 2:
+            raise SparsecodeError("the hooked module or the target module did not run in the forward pass; "
+                                  "pick another --hook/--target")
+        parts = [seen[i].reshape(*ids.shape, -1).float().cpu() for i in (0, 1)]
+        self.d_in = parts[0].shape[-1]
+        return torch.cat(parts, -1)
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -104,6 +161,8 @@ def add_harvest_command(sub: Any) -> argparse.ArgumentParser:
     h.add_argument("--model", help=f"hub id, local folder, or 'minilm' (embedded; default {d.model})")
     h.add_argument("--hook", help=f"module path, e.g. encoder.layer.3 or transformer.h.6 (default {d.hook})")
     h.add_argument("--hook-point", choices=["output", "input"], help=f"default {d.hook_point}")
+    h.add_argument("--target", help="a second module stored beside --hook in the same pass (a transcoder's target)")
+    h.add_argument("--target-point", choices=["output", "input"], help=f"of --target (default {d.target_point})")
     h.add_argument("--corpus", help=f"'stdlib' (embedded), a folder or glob of .txt/.jsonl, a saved dataset, or a "
                                     f"dataset id (default {d.corpus})")
     h.add_argument("--text-field", help=f"text column of .jsonl files and datasets (default {d.text_field})")
@@ -129,6 +188,7 @@ def cmd_harvest(a: argparse.Namespace) -> int:
                            if getattr(a, f.name, None) is not None})
     m = harvest(cfg, progress=not a.no_progress)
     short = "" if m["tokens"] >= cfg.tokens else f" (the corpus ran out before {cfg.tokens})"
-    print(f"stored {m['tokens']} tokens{short} of {cfg.model} {cfg.hook} ({cfg.hook_point}, d={m['d']}, "
+    pair = f" → {cfg.target} ({cfg.target_point}, d_out={m['d_out']})" if cfg.target else ""
+    print(f"stored {m['tokens']} tokens{short} of {cfg.model} {cfg.hook} ({cfg.hook_point}, d={m['d']}{pair}, "
           f"{m['dtype']}) in {len(m['shards'])} shards: {cfg.out}")
     return 0

@@ -3,8 +3,10 @@
 Each shard holds `rows` consecutive harvested tokens: `acts` [rows, d] (fp16, bf16 or fp32), `tokens`
 (token ids), `doc` (document index in the corpus) and `pos` (token offset in that document). The format
 is one `shard-NNNNN.safetensors`, or `shard-NNNNN.npy` (acts; bf16 kept as raw uint16) plus
-`shard-NNNNN.meta.npy` ([rows, 3] int64: token, doc, pos). Shards are written atomically before the
-manifest that lists them (with their sha256); the manifest also keeps where to resume the harvest.
+`shard-NNNNN.meta.npy` ([rows, 3] int64: token, doc, pos). A paired store (harvest --target) also holds
+`target` [rows, d_out] (a second site's rows, aligned with acts; `shard-NNNNN.target.npy`), and its
+manifest `d_out`; its source gives [acts, target] rows, d + d_out wide, for transcoders. Shards are written
+atomically before the manifest that lists them (with their sha256); the manifest also keeps where to resume the harvest.
 
 The reader maps shards into memory and checks each shard's sha256 the first time it opens it. An epoch
 visits every row of its split once: the split is cut into chunks of `chunk_rows` consecutive rows, the
@@ -117,19 +119,24 @@ class StoreWriter:
         m = self.manifest
         name = f"shard-{len(m['shards']):05d}"
         acts = rows["acts"].to(DTYPES[self.dtype]).contiguous()
+        target = {"target": rows["target"].to(DTYPES[self.dtype]).contiguous()} if "target" in rows else {}
         meta = {k: rows[k].to(torch.int32 if k == "tokens" else torch.int64).contiguous()
                 for k in ("tokens", "doc", "pos")}
         if self.format == "safetensors":
-            files = {f"{name}.safetensors": safetensors_bytes({"acts": acts, **meta})}
+            files = {f"{name}.safetensors": safetensors_bytes({"acts": acts, **target, **meta})}
         else:
-            raw = acts.view(torch.int16) if acts.dtype == torch.bfloat16 else acts
-            files = {f"{name}.npy": _npy_bytes(raw.numpy()),
-                     f"{name}.meta.npy": _npy_bytes(torch.stack([v.long() for v in meta.values()], 1).numpy())}
+            def raw(t: Tensor) -> Tensor:
+                return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+            files = {f"{name}.npy": _npy_bytes(raw(acts).numpy()),
+                     f"{name}.meta.npy": _npy_bytes(torch.stack([v.long() for v in meta.values()], 1).numpy()),
+                     **{f"{name}.target.npy": _npy_bytes(raw(t).numpy()) for t in target.values()}}
         for fname, data in files.items():
             atomic_write(self.path / fname, data)
         failpoint("shard-written")
         m["shards"].append({"name": name, "rows": len(acts), "sha256": {f: sha256(self.path / f) for f in files}})
         m["d"] = int(acts.shape[1])
+        if target:
+            m["d_out"] = int(target["target"].shape[1])
         m["tokens"] = m["tokens"] + len(acts)
         m["resume"] = resume
         atomic_write_json(self.path / MANIFEST, m)
@@ -197,6 +204,7 @@ class Store:
                                   f"tokens); run the same harvest again to finish it")
         self.shards: list[dict[str, Any]] = m["shards"]
         self.d, self.dtype = int(m["d"]), m["dtype"]
+        self.d_out = int(m.get("d_out") or 0)  # a paired store's target width (0: none)
         self.starts = np.cumsum([0] + [s["rows"] for s in self.shards])
         self.n = int(self.starts[-1])
         self._maps = [self._map(info) for info in self.shards]  # every file present, of its listed shape
@@ -220,6 +228,8 @@ class Store:
                 meta = np.load(self.path / f"{info['name']}.meta.npy", mmap_mode="r")
                 arrays = {"acts": np.load(self.path / f"{info['name']}.npy", mmap_mode="r"),
                           "tokens": meta[:, 0], "doc": meta[:, 1], "pos": meta[:, 2]}
+                if self.d_out:
+                    arrays["target"] = np.load(self.path / f"{info['name']}.target.npy", mmap_mode="r")
         except FileNotFoundError as e:
             raise SparsecodeError(f"store shard file missing: {e.filename}") from None
         except (OSError, ValueError, KeyError, IndexError, struct.error, json.JSONDecodeError,
@@ -228,10 +238,13 @@ class Store:
         if arrays["acts"].shape != (info["rows"], self.d) or len(arrays["tokens"]) != info["rows"]:
             raise SparsecodeError(f"store shard {info['name']} has shape {arrays['acts'].shape}, "
                                   f"expected {(info['rows'], self.d)}")
+        if self.d_out and arrays.get("target", np.empty(0)).shape != (info["rows"], self.d_out):
+            raise SparsecodeError(f"store shard {info['name']} holds no target of shape {(info['rows'], self.d_out)}")
         return arrays
 
     def gather(self, idx: Tensor, key: str = "acts") -> Tensor:
-        """Rows `idx` (global indices) of `acts` as float32, or of tokens/doc/pos as int64."""
+        """Rows `idx` (global indices) of `acts` (or a paired store's `target`) as float32, or of tokens/doc/pos
+        as int64."""
         order = idx.argsort()
         sorted_idx = idx[order].numpy()
         bounds = np.searchsorted(sorted_idx, self.starts)
@@ -241,7 +254,7 @@ class Store:
             if lo < hi:
                 parts.append(np.asarray(self.shard(i)[key][sorted_idx[lo:hi] - self.starts[i]]))
         rows = torch.from_numpy(np.concatenate(parts))
-        if key == "acts":
+        if key in ("acts", "target"):
             rows = rows.view(torch.bfloat16) if self.dtype == "bf16" else rows
             rows = rows.float()
         else:
@@ -286,7 +299,7 @@ class StoreSource:
         self.store, self.rows, self.seed = store, rows, seed
         self.opts = opts or StoreOptions()
         check(len(rows) > 0, f"store {store.path}: the split has no rows")
-        self.d = store.d
+        self.d, self.d_out = store.d, store.d_out
         self.n_chunks = -(-len(rows) // self.opts.chunk_rows)
         self.per_window = max(1, self.opts.buffer_rows // self.opts.chunk_rows)
         self.epoch, self.pos = 0, 0
@@ -332,7 +345,10 @@ class StoreSource:
         return torch.cat(parts)
 
     def next_batch(self, n: int) -> Tensor:
-        return self.store.gather(self.next_indices(n))
+        """[n, d] rows; a paired store's are [n, d + d_out]: acts, then the target's row beside it."""
+        idx = self.next_indices(n)
+        x = self.store.gather(idx)
+        return torch.cat([x, self.store.gather(idx, "target")], 1) if self.d_out else x
 
     def labelled_batch(self, n: int, classes: int = 32) -> tuple[Tensor, Tensor]:
         """Up to n rows of the split labelled by their next token, kept where that token is among the

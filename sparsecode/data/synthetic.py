@@ -5,6 +5,7 @@ with a power-law frequency p_i ∝ (i+1)^-alpha scaled so that `active` fire per
 coefficients uniform in [coef_min, coef_max] (random sign if `signed`), plus optional Gaussian noise;
 `both_polarities` scores how many signed features a coder carries in both directions.
 `Clusters`: a mixture of well-separated centres (unit norm) with isotropic noise of norm about `spread`.
+`SparseMap`: pairs for transcoders: x = B·f (+ dense Gaussian), target y = A·f (+ C·x), f as SparseFeatures'.
 """
 
 from __future__ import annotations
@@ -48,6 +49,20 @@ class ClustersConfig:
     def validate(self) -> None:
         check(self.d > 0 and self.n_clusters > 0, "d and n_clusters must be positive")
         non_negative(self, "spread")
+
+
+@dataclass
+class SparseMapConfig(SparseFeaturesConfig):
+    """SparseFeatures' options for x (d wide) and f, plus the target's: y = A·f + C·x, A's columns unit-norm."""
+
+    d_out: int = 48  # width of the target y
+    input_noise: float = 0.0  # std per dimension of a dense Gaussian part of x (not from f)
+    dense: float = 0.0  # scale of C, a dense linear map of x into y (entries N(0, dense² / d)); 0: none
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.d_out > 0, f"d_out must be positive, got {self.d_out}")
+        non_negative(self, "input_noise", "dense")
 
 
 class SparseFeatures:
@@ -111,6 +126,42 @@ def both_polarities(atoms: Tensor, code: Code, truth: Tensor, threshold: float =
     return (plus & minus).float().mean().item()
 
 
+class SparseMap:
+    """Rows [x, y] (input then target, d + d_out wide) with y a known sparse linear map of x's features."""
+
+    def __init__(self, cfg: SparseMapConfig, seed: int = 0, stream: str = "train"):
+        self.cfg, self.d, self.d_out = cfg, cfg.d, cfg.d_out
+        self.inner = SparseFeatures(cfg, seed, stream)  # f and x = B·f (+ noise), its generator the stream's
+        g = torch.Generator().manual_seed(derive_seed(seed, "truth/map"))
+        self.target_features = F.normalize(torch.randn(cfg.n_features, cfg.d_out, generator=g), dim=1)  # A·e_i
+        self.dense_map = torch.randn(cfg.d_out, cfg.d, generator=g) * (cfg.dense / cfg.d**0.5)  # C
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """([n, d] inputs, [n, d_out] targets, [n, n_features] true coefficients)."""
+        x, coef = self.inner.sample(n)
+        if self.cfg.input_noise:
+            x = x + self.cfg.input_noise * torch.randn(n, self.d, generator=self.inner.generator)
+        y = coef @ self.target_features
+        if self.cfg.dense:
+            y = y + x @ self.dense_map.t()
+        return x, y, coef
+
+    def next_batch(self, n: int) -> Tensor:
+        x, y, _ = self.sample(n)
+        return torch.cat([x, y], 1)
+
+    @property
+    def truth(self) -> Tensor:
+        """The true target directions (columns of A), [n_features, d_out]: what a transcoder's atoms recover."""
+        return self.target_features
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
 class Clusters:
     """Rows x = centre_c + noise, c uniform over well-separated unit-norm centres."""
 
@@ -146,6 +197,12 @@ class Clusters:
 def open_sparse(cfg: SourceConfig, split: str) -> SparseFeatures:
     spec = from_dict(SparseFeaturesConfig, cfg.options, "synthetic source")
     return SparseFeatures(spec, cfg.seed, split)
+
+
+@register_source("sparse_map", SparseMapConfig)
+def open_sparse_map(cfg: SourceConfig, split: str) -> SparseMap:
+    spec = from_dict(SparseMapConfig, cfg.options, "sparse_map source")
+    return SparseMap(spec, cfg.seed, split)
 
 
 @register_source("clusters", ClustersConfig)

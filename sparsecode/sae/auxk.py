@@ -39,20 +39,25 @@ class AuxKSAE(SAE):
 
     config_class = AuxKConfig
 
-    def sparse_output(self, x: Tensor, pre: Tensor, code: Code, rule: Rule, sparse_grad: bool) -> Output:
-        """Decode `code`; in training add AuxK over `pre` (the scores the code was picked from) and track
-        usage. `sparse_grad`: `pre` has no autograd, and AuxK's picks get theirs through `attach`."""
-        x_hat = self.decode(code)
-        losses = {"fvu": fvu(x, x_hat)}
+    def sparse_output(self, x: Tensor, pre: Tensor, code: Code, rule: Rule, sparse_grad: bool,
+                      target: Tensor | None = None) -> Output:
+        """Decode `code` (plus a transcoder's skip path); in training add AuxK over `pre` (the scores the code
+        was picked from) and track usage. `sparse_grad`: `pre` has no autograd, and AuxK's picks get theirs
+        through `attach`. `target`: what a transcoder's output is scored against (None: x)."""
+        x_hat = self.predict(x, code)
+        y = x if target is None else target
+        losses = {"fvu": fvu(y, x_hat)}
         if self.training:
-            aux = self.aux_loss(x, x_hat, pre, rule, sparse_grad)
+            aux = self.aux_loss(x, x_hat, pre, rule, sparse_grad, y)
             if aux is not None:
                 losses["auxk"] = self.cfg.aux_coef * aux
             self.track(code)
         return Output(x_hat, code, losses)
 
-    def aux_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, rule: Rule, sparse_grad: bool) -> Tensor | None:
-        """Reconstruct the residual with the top latents among the dead ones (None if none is dead).
+    def aux_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, rule: Rule, sparse_grad: bool,
+                 target: Tensor | None = None) -> Tensor | None:
+        """Reconstruct the residual (of `target`, a transcoder's, else of x) with the top latents among the dead
+        ones (None if none is dead).
 
         Nothing waits for the device (`idle_count`): on the CPU the number dead is read, k_aux = min(aux_k,
         dead). On a GPU only a bound on the longest idle time is known on the host: None while it is below
@@ -64,10 +69,11 @@ class AuxKSAE(SAE):
             return None
         m, dead = self.cfg.m, self.dead_mask()
         k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, m if n_dead is None else n_dead)
-        residual = (x - x_hat).detach()
+        y = x if target is None else target
+        residual = (y - x_hat).detach()
         top = rule.pick(pre.masked_fill(~dead, rule.hide), k_aux, m)
         if n_dead is None:  # slots beyond the dead latents hold live ones: weight zero
             top = Code(top.indices, top.values * dead[top.indices], m)
         r_hat = decode(self.attach(x, top) if sparse_grad else top, self.W_dec)
-        loss = (residual - r_hat).pow(2).sum() / total_variance(x)
+        loss = (residual - r_hat).pow(2).sum() / total_variance(y)
         return loss if n_dead is not None else dead.any() * loss

@@ -65,8 +65,9 @@ class Dictionary(Coder):
         return self.W_dec
 
     @torch.no_grad()
-    def init_from_data(self, x: Tensor) -> None:
-        self.b_dec.copy_(x.mean(0))
+    def init_from_data(self, x: Tensor, target: Tensor | None = None) -> None:
+        """b_dec from the mean of what the decoder outputs: the target's (a transcoder), else x's."""
+        self.b_dec.copy_((x if target is None else target).mean(0))
 
     @torch.no_grad()
     def after_backward(self) -> None:
@@ -83,15 +84,47 @@ class Dictionary(Coder):
 
 class SAE(Dictionary):
     """z = f(W_enc (x − b_dec) + b_enc); the encoder starts as the decoder's transpose. With `center_input`
-    off (an option of the SAEs other formats hold) the encoder reads x itself: z = f(W_enc x + b_enc)."""
+    off (an option of the SAEs other formats hold) the encoder reads x itself: z = f(W_enc x + b_enc).
+
+    A transcoder (cfg.d_out > 0, methods with `transcodes`) decodes to a target: W_dec [m, d_out], b_dec
+    [d_out], encoder and decoder drawn apart; with `skip`, output = decode(code) + x · W_skipᵀ (W_skip [d_out,
+    d_in], zero at init). Its encoder reads x itself (b_dec lives in the target space; sparsify's choice)."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        w = unit_rows(cfg.m, cfg.d_in)
-        self.W_dec = nn.Parameter(w)  # [m, d]: one atom per row
-        self.W_enc = nn.Parameter(w.clone())
+        if cfg.d_out:  # a transcoder: the decoder writes the target space
+            w_enc, w = unit_rows(cfg.m, cfg.d_in), unit_rows(cfg.m, cfg.d_out)
+        else:
+            w = unit_rows(cfg.m, cfg.d_in)
+            w_enc = w.clone()
+        self.W_dec = nn.Parameter(w)  # [m, d_out]: one atom per row
+        self.W_enc = nn.Parameter(w_enc)
         self.b_enc = nn.Parameter(torch.zeros(cfg.m))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out or cfg.d_in))
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(cfg.d_out, cfg.d_in))
+
+    def predict(self, x: Tensor, code: Code) -> Tensor:
+        """The output for inputs x with their code: decode(code), plus the skip path x · W_skipᵀ if any."""
+        out = self.decode(code)
+        return out + x @ self.W_skip.t() if self.cfg.skip else out
+
+    def transcode(self, x: Tensor) -> Tensor:
+        return self.predict(x, self.encode(x))
+
+    def check_target(self, x: Tensor, target: Tensor | None) -> Tensor:
+        """What the output is scored against: `target` [B, d_out] for a transcoder (required), else x."""
+        from ..errors import SparsecodeError
+
+        if not self.cfg.d_out:
+            if target is not None:
+                raise SparsecodeError(f"{self.name}: got a target but d_out=0 (an autoencoder); set d_out")
+            return x
+        if target is None or target.ndim != 2 or target.shape != (x.shape[0], self.cfg.d_out):
+            shape = None if target is None else tuple(target.shape)
+            raise SparsecodeError(f"{self.name}: a transcoder needs a target of shape [{x.shape[0]}, "
+                                  f"{self.cfg.d_out}], got {shape}")
+        return target
 
     def pre_acts(self, x: Tensor, grad: bool = True) -> Tensor:
         """[B, m] dense pre-activations; `grad=False`: without autograd, scores for a selection whose kept
@@ -103,7 +136,7 @@ class SAE(Dictionary):
     def centred(self, x: Tensor) -> Tensor:
         """What the encoder reads: x − b_dec, or x itself where `center_input` is off (SAELens's
         apply_b_dec_to_input=False, dictionary_learning's JumpReLU)."""
-        return x - self.b_dec if getattr(self.cfg, "center_input", True) else x
+        return x - self.b_dec if getattr(self.cfg, "center_input", True) and not self.cfg.d_out else x
 
     def attach(self, x: Tensor, code: Code) -> Code:
         """The sparse-gradient path: make a code picked from `pre_acts(x, grad=False)` differentiable in the
@@ -115,11 +148,13 @@ class SAE(Dictionary):
         """x̂ = z · W_dec + b_dec for dense activations [B, m]: one matmul, the encoder's own cost."""
         return torch.addmm(self.b_dec, z, self.W_dec)
 
-    def dense_output(self, x: Tensor, z: Tensor, **losses: Tensor) -> Output:
+    def dense_output(self, x: Tensor, z: Tensor, target: Tensor | None = None, **losses: Tensor) -> Output:
         """The training pass of a dense encoder: the full-width code of z, decoded by one matmul (no
-        packing, so no host sync), FVU plus `losses`, and usage tracking."""
+        packing, so no host sync), FVU (of `target`, a transcoder's, else of x) plus `losses`, usage tracking."""
         code = full_code(z, self.cfg.m)
         x_hat = self.decode_dense(z)
+        if self.cfg.skip:
+            x_hat = x_hat + x @ self.W_skip.t()
         if self.training:
             self.track(code)
-        return Output(x_hat, code, {"fvu": fvu(x, x_hat), **losses})
+        return Output(x_hat, code, {"fvu": fvu(x if target is None else target, x_hat), **losses})

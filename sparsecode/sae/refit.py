@@ -59,6 +59,7 @@ class RefitSAE(TopKSAE):
     """TopK + code energy while training; TopK's atoms with least-squares values at inference."""
 
     config_class = RefitConfig
+    transcodes = False  # its refit solves for x − b_dec: it only reconstructs its input
 
     def encode(self, x: Tensor) -> Code:
         return self.fit(x, super().encode(x))

@@ -37,13 +37,15 @@ class ReLUSAE(SAE):
 
     config_class = ReLUConfig
     unit_atoms = False
+    transcodes = True  # d_out > 0: a (skip) transcoder; the L1 scale is the target's
 
     def encode(self, x: Tensor) -> Code:
         self.check_input(x)
         return dense_to_code(self.pre_acts(x).relu(), self.cfg.m)
 
-    def forward(self, x: Tensor) -> Output:
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
         self.check_input(x)
+        y = self.check_target(x, target)
         z = self.pre_acts(x).relu()
-        l1 = (z * self.W_dec.norm(dim=1)).sum(1).mean() / per_row_scale(x)
-        return self.dense_output(x, z, l1=self.cfg.l1_coef * l1)  # full-width code, one-matmul decode
+        l1 = (z * self.W_dec.norm(dim=1)).sum(1).mean() / per_row_scale(y)
+        return self.dense_output(x, z, y, l1=self.cfg.l1_coef * l1)  # full-width code, one-matmul decode

@@ -58,6 +58,7 @@ class TopKSAE(AuxKSAE):
     """The configured rule on the pre-activations; x̂ sums the chosen decoder rows; FVU (per prefix) + AuxK."""
 
     config_class = TopKConfig
+    transcodes = True  # d_out > 0: a (skip) transcoder, scored on the target the trainer passes
 
     def __init__(self, cfg: TopKConfig):
         super().__init__(cfg)
@@ -79,15 +80,16 @@ class TopKSAE(AuxKSAE):
         self.check_input(x)
         return self.select(self.pre_acts(x))
 
-    def forward(self, x: Tensor) -> Output:
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
         self.check_input(x)
+        y = self.check_target(x, target)
         sparse = self.cfg.sparse_grad
         pre = self.pre_acts(x, grad=not sparse)
         code = self.select(pre)
         if self.training and self.cfg.threshold_decay is not None:
             self.update_threshold(code)
-        out = self.sparse_output(x, pre, self.attach(x, code) if sparse else code, self.rule, sparse)
-        out.losses.update(prefix_losses(x, out.code, self.sizes, self.decode))
+        out = self.sparse_output(x, pre, self.attach(x, code) if sparse else code, self.rule, sparse, y)
+        out.losses.update(prefix_losses(y, out.code, self.sizes, lambda c: self.predict(x, c)))
         return out
 
     @torch.no_grad()
