@@ -36,7 +36,8 @@ def peak_mib() -> float:
 
 def child_encode(run: str, tokens: int, chunk: int) -> dict:
     """An encode-only pass: what the feature pass does minus all bookkeeping."""
-    from sparsecode.features import acts_tensor, encode, read_rows, resolve_store
+    from sparsecode.feature_final import read_rows
+    from sparsecode.features import acts_tensor, encode, resolve_store
     from sparsecode.interop import load_coder
 
     store, coder = resolve_store(Path(run), None), load_coder(run).eval()
@@ -48,7 +49,8 @@ def child_encode(run: str, tokens: int, chunk: int) -> dict:
 
 
 def child_build(run: str, tokens: int, chunk: int) -> dict:
-    from sparsecode.features import DB, FeatureConfig, FeatureDB, build_features
+    from sparsecode.feature_db import DB, FeatureDB
+    from sparsecode.features import FeatureConfig, build_features
 
     (Path(run) / DB).unlink(missing_ok=True)
     t0 = time.perf_counter()
@@ -77,7 +79,7 @@ def train_run(store: str, out: Path, m: int, k: int, steps: int) -> Path:
 def page_latency(run: Path, repeats: int = 20) -> dict[str, tuple[float, float]]:
     """(median, max) milliseconds of GETs of each page, served by the app on a free port."""
     from sparsecode.browse import make_server
-    from sparsecode.features import FeatureDB
+    from sparsecode.feature_db import FeatureDB
 
     fdb = FeatureDB(run)
     busiest = fdb.features("count", True, limit=1)[0][0]["id"]

@@ -8,15 +8,18 @@ listens on 127.0.0.1 unless --host says otherwise.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import socket
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
 
 from .errors import SparsecodeError
-from .features import DENSE, FeatureDB
+from .feature_db import DENSE, FeatureDB
+from .features import FeatureConfig, build_features
 
 HOST = "127.0.0.1"
 TEMPLATES = Path(__file__).parent / "templates"
@@ -269,3 +272,51 @@ def serve(run: str | Path, host: str = HOST, port: int = 8000, device: str = "cp
     h, p = sock.getsockname()[:2]
     print(f"browsing {run} on http://{f'[{h}]' if ':' in h else h}:{p}/  (Ctrl-C to stop)", flush=True)
     server.run(sockets=[sock])
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+def add_feature_commands(sub: Any) -> None:
+    """Add `sparsecode features` (build the database) and `sparsecode browse` (serve it) to the CLI."""
+    d = FeatureConfig()
+    f = sub.add_parser("features", help="build RUN/features.sqlite: one pass over a store, per-atom statistics "
+                                        "and contexts (resumable)")
+    f.add_argument("run")
+    f.add_argument("--data", help="the store to read (default: the store the run was trained on)")
+    f.add_argument("--tokens", type=lambda s: int(float(s)), help="the store's first N tokens (default all)")
+    f.add_argument("--top", type=int, default=d.top, help=f"top activating contexts per atom (default {d.top})")
+    f.add_argument("--reservoir", type=int, default=d.reservoir,
+                   help=f"firings sampled per atom for quantile samples and co-firing (default {d.reservoir})")
+    f.add_argument("--samples", type=int, default=d.samples, help=f"quantile samples kept (default {d.samples})")
+    f.add_argument("--chunk-rows", type=int, default=d.chunk_rows, help=f"rows encoded at once (default "
+                                                                        f"{d.chunk_rows})")
+    f.add_argument("--save-every", type=float, default=d.save_every,
+                   help=f"seconds between progress saves (default {d.save_every:g})")
+    f.add_argument("--device", default="cpu", help="cpu (default) | auto | cuda[:N]")
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(fn=cmd_features)
+
+    b = sub.add_parser("browse", help="explore RUN/features.sqlite in a local web app")
+    b.add_argument("run")
+    b.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    b.add_argument("--port", type=int, default=8000, help="default 8000 (0: any free port)")
+    b.add_argument("--device", default="cpu", help="where the try-it box runs the model: cpu (default) | auto")
+    b.set_defaults(fn=cmd_browse)
+
+
+def cmd_features(a: argparse.Namespace) -> int:
+    cfg = FeatureConfig(tokens=a.tokens, top=a.top, reservoir=a.reservoir, samples=min(a.samples, a.reservoir),
+                        chunk_rows=a.chunk_rows, save_every=a.save_every)
+    path = build_features(a.run, a.data, cfg, progress=not a.no_progress, device=a.device)
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+    db.close()
+    rate = f" ({meta['tokens_per_s']:.0f} tokens/s)" if meta["tokens_per_s"] else ""
+    print(f"{meta['m']} {'codes' if meta['codebook'] else 'atoms'} over {meta['rows']} tokens{rate}: "
+          f"{meta['dead']} never fired, {meta['dense']} dense")
+    print(f"feature database written to {path}; explore it with `sparsecode browse {a.run}`")
+    return 0
+
+
+def cmd_browse(a: argparse.Namespace) -> int:
+    serve(a.run, a.host, a.port, a.device)
+    return 0

@@ -23,7 +23,8 @@ from test_features import gpt2_store, small_run, small_store, topk_run  # noqa: 
 from sparsecode.browse import HOST, TryIt, make_server, readings
 from sparsecode.cli import build_parser, main
 from sparsecode.data.store import Store
-from sparsecode.features import FeatureConfig, FeatureDB, build_features
+from sparsecode.feature_db import FeatureDB
+from sparsecode.features import FeatureConfig, build_features
 from sparsecode.interop import load_coder
 
 SCRIPT, IMG = "<script>alert(1)</script>", "<img src=x onerror=alert(2)>"

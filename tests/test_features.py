@@ -19,7 +19,8 @@ from sparsecode.cli import main
 from sparsecode.data.harvest import HarvestConfig, harvest
 from sparsecode.data.source import SourceConfig
 from sparsecode.data.store import Store
-from sparsecode.features import DB, PROGRESS, FeatureConfig, FeatureDB, build_features
+from sparsecode.feature_db import DB, PROGRESS, FeatureDB
+from sparsecode.features import FeatureConfig, build_features
 from sparsecode.interop import load_coder
 from sparsecode.train import TrainConfig, train
 

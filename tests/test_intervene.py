@@ -10,15 +10,8 @@ from sparsecode.code import Code  # noqa: E402
 from sparsecode.coder import build  # noqa: E402
 from sparsecode.data.source import SourceConfig  # noqa: E402
 from sparsecode.errors import SparsecodeError  # noqa: E402
-from sparsecode.intervene import (  # noqa: E402
-    Intervention,
-    attribution,
-    clamp_code,
-    effect,
-    feature_values,
-    force_code,
-    side_effect,
-)
+from sparsecode.effects import attribution, effect, side_effect  # noqa: E402
+from sparsecode.intervene import Intervention, clamp_code, feature_values, force_code  # noqa: E402
 from sparsecode.train import TrainConfig, train  # noqa: E402
 
 HOOK = "transformer.h.0"
@@ -297,7 +290,7 @@ def test_steer_a_causal_lm_prints_continuations_and_the_sweep(gpt2_run, capsys):
 
 
 def test_clamping_to_zero_on_a_causal_lm_is_the_ablation_everywhere(gpt2_run, capsys):
-    from sparsecode.intervene import load_target
+    from sparsecode.effects import load_target
 
     prompt = "the model reads a sentence"
     t = load_target(gpt2_run)
@@ -324,7 +317,7 @@ def test_ablate_a_causal_lm_prints_per_token_effects(gpt2_run, capsys):
 
 
 def test_steer_and_ablate_on_minilm(minilm_store, tmp_path, capsys):  # noqa: F811
-    from sparsecode.intervene import load_target
+    from sparsecode.effects import load_target
 
     run = tmp_path / "run"
     train(TrainConfig(method="topk", coder={"m": 256, "k": 8}, source=SourceConfig(kind="store",
