@@ -26,9 +26,9 @@ import time
 import warnings
 
 import torch
+from heldout import held_out_stats  # bench/contenders/heldout.py
 
 from sparsecode.data.source import SourceConfig, open_source
-from sparsecode.metrics import CodeStats
 from sparsecode.sae.base import dense_to_code
 
 ARCHS = ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "standard")
@@ -106,15 +106,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sae.save_inference_model(tmp)
         inference = SAE.load_from_disk(tmp, device="cpu").eval()
-    held = open_source(cfg, "eval")
-    stats, done = CodeStats(a.m), 0
-    rows = min(a.eval_rows, len(held))
-    with torch.no_grad():
-        while done < rows:
-            x = held.next_batch(min(4096, rows - done)).float()
-            z = inference.encode(x)
-            stats.update(x, inference.decode(z), dense_to_code(z, a.m))
-            done += x.shape[0]
+    def forward(x):
+        z = inference.encode(x)
+        return inference.decode(z), dense_to_code(z, a.m)
+
+    stats = held_out_stats(cfg, a.m, a.eval_rows, forward)
     r = stats.result()
     print(json.dumps({"rows": stats.rows, "fvu": r["fvu"], "l0": r["l0"], "dead_heldout": r["never_fired"],
                       "dead_trainer": (idle >= a.dead_window_steps).float().mean().item(),

@@ -14,10 +14,10 @@ import argparse
 import json
 
 import torch
+from heldout import held_out_stats  # bench/contenders/heldout.py
 
 from sparsecode.code import Code
 from sparsecode.data.source import SourceConfig, open_source
-from sparsecode.metrics import CodeStats
 
 
 def main() -> None:
@@ -55,15 +55,11 @@ def main() -> None:
         if step >= a.steps // 2:
             expired.append(replaced[-1])
     vq.eval()
-    held = open_source(cfg, "eval")
-    stats, done = CodeStats(a.K), 0
-    rows = min(a.eval_rows, len(held))
-    with torch.no_grad():
-        while done < rows:
-            x = held.next_batch(min(4096, rows - done)).float()
-            q, idx, _ = vq(x[None])
-            stats.update(x, q[0], Code.ones(idx[0], a.K, x.dtype))
-            done += x.shape[0]
+    def forward(x):
+        q, idx, _ = vq(x[None])
+        return q[0], Code.ones(idx[0], a.K, x.dtype)
+
+    stats = held_out_stats(cfg, a.K, a.eval_rows, forward)
     r = stats.result()
     print(json.dumps({"rows": stats.rows, "utilisation": r["utilisation"], "perplexity": r["perplexity"],
                       "fvu": r["fvu"], "churn": sum(expired) / max(len(expired), 1)}))
