@@ -9,8 +9,8 @@ from sparsecode.cli import main  # noqa: E402
 from sparsecode.code import Code  # noqa: E402
 from sparsecode.coder import build  # noqa: E402
 from sparsecode.data.source import SourceConfig  # noqa: E402
-from sparsecode.errors import SparsecodeError  # noqa: E402
 from sparsecode.effects import attribution, effect, side_effect  # noqa: E402
+from sparsecode.errors import SparsecodeError  # noqa: E402
 from sparsecode.intervene import Intervention, clamp_code, feature_values, force_code  # noqa: E402
 from sparsecode.train import TrainConfig, train  # noqa: E402
 
