@@ -105,8 +105,11 @@ class SAE(Dictionary):
             self.W_skip = nn.Parameter(torch.zeros(cfg.d_out, cfg.d_in))
 
     def predict(self, x: Tensor, code: Code) -> Tensor:
-        """The output for inputs x with their code: decode(code), plus the skip path x · W_skipᵀ if any."""
-        out = self.decode(code)
+        """The output for inputs x with their code: decode(code), plus the skip path if any."""
+        return self.with_skip(x, self.decode(code))
+
+    def with_skip(self, x: Tensor, out: Tensor) -> Tensor:
+        """A decoded output plus a transcoder's skip path x · W_skipᵀ (unchanged without one)."""
         return out + x @ self.W_skip.t() if self.cfg.skip else out
 
     def transcode(self, x: Tensor) -> Tensor:
@@ -152,9 +155,7 @@ class SAE(Dictionary):
         """The training pass of a dense encoder: the full-width code of z, decoded by one matmul (no
         packing, so no host sync), FVU (of `target`, a transcoder's, else of x) plus `losses`, usage tracking."""
         code = full_code(z, self.cfg.m)
-        x_hat = self.decode_dense(z)
-        if self.cfg.skip:
-            x_hat = x_hat + x @ self.W_skip.t()
+        x_hat = self.with_skip(x, self.decode_dense(z))
         if self.training:
             self.track(code)
         return Output(x_hat, code, {"fvu": fvu(x if target is None else target, x_hat), **losses})
