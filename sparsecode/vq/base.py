@@ -151,7 +151,7 @@ class Quantizer(Coder):
     def refine_offsets(self, x: Tensor, code: Code, codes: Tensor) -> None:
         """offset_i += refine · (mean of the batch's rows at code i − code i), for the codes the batch used."""
         idx = code.indices[:, 0]
-        counts = codes.new_zeros(self.cfg.m).index_add_(0, idx, codes.new_ones(idx.shape[0]))  # no host read
+        counts = code.counts().to(codes.dtype)
         means = torch.zeros_like(codes).index_add_(0, idx, x.to(codes.dtype)) / counts.clamp_min(1)[:, None]
         self.offset += self.cfg.refine * (means - codes) * (counts > 0)[:, None]
 
