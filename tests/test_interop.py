@@ -14,11 +14,12 @@ from safetensors.torch import load_file, save_file
 
 from sparsecode.checkpoint import load_coder as load_run
 from sparsecode.cli import main
+from sparsecode.coder import build
 from sparsecode.errors import SparsecodeError
 from sparsecode.evaluate import evaluate
 from sparsecode.interop import export_run, import_folder, load_coder, probe_rows, read_foreign, self_check
 from sparsecode.interop.foreign import build_coder
-from sparsecode.interop.saelens import exact_log
+from sparsecode.interop.saelens import held_threshold
 
 
 @pytest.fixture(scope="module")
@@ -158,16 +159,18 @@ def test_imported_run_evaluates_like_the_files_forward(runs, tmp_path, capsys):
     assert "<h2>imported</h2>" in page and "sparsify" in page and "held-out evaluation" in page
 
 
-def test_exact_log_gives_the_threshold_back():
-    """A threshold our jumprelu wrote (exp of an fp32 log) comes back bit for bit; any other is the nearest
-    exp can reach (exp skips some fp32 values where |log θ| > 1)."""
+def test_a_files_threshold_is_held_bit_for_bit_and_negative_ones_are_refused():
+    """θ is trained directly, so an imported θ needs no log round trip (any fp32 value stays); a negative θ has no
+    sparsecode reading; a log-θ jumprelu reads the same file as log θ."""
     theta = torch.linspace(-9, 6, 2001).exp()
-    assert torch.equal(exact_log(theta, "t").exp(), theta)
-    theta = torch.tensor([1e-3, 0.05, 0.999999, 1.0000001, 3.7, 250.0])
-    back = exact_log(theta, "t").exp()
-    assert bool(((back - theta).abs() <= 2.5e-7 * theta).all()) and torch.equal(back[2:5], theta[2:5])
-    with pytest.raises(SparsecodeError, match="values ≤ 0"):
-        exact_log(torch.tensor([0.1, 0.0]), "t")
+    sae = build("jumprelu", {"d_in": 4, "m": 2001})
+    sae.load_state_dict({**sae.state_dict(), "theta": held_threshold(theta, "t")})
+    assert torch.equal(sae.theta, theta)
+    old = build("jumprelu", {"d_in": 4, "m": 2001, "theta_param": "log"})
+    old.load_state_dict({k: v for k, v in sae.state_dict().items()}, strict=False)
+    assert torch.equal(old.theta, theta) and torch.allclose(old.log_theta.exp(), theta)
+    with pytest.raises(SparsecodeError, match="values < 0"):
+        held_threshold(torch.tensor([0.1, -1e-8]), "t")
 
 
 def test_real_activations_round_trip(minilm_store, tmp_path):  # noqa: F811

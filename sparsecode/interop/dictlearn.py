@@ -19,7 +19,7 @@ from ..coder import Coder
 from ..errors import SparsecodeError
 from ..files import atomic_write_json
 from .foreign import Foreign, need, read_config, read_torch, sae_reference, size
-from .saelens import exact_log
+from .saelens import held_threshold
 
 NAME = "dictionary_learning"
 CFG, WEIGHTS = "config.json", "ae.pt"
@@ -117,8 +117,7 @@ def read(folder: Path) -> Foreign:
         return Foreign(method, options, state, sae_reference(W_enc.T, b_enc, W_dec, b_dec, True), origin)
     if method == "jumprelu":
         theta = need(t, "threshold", (m,), wpath)
-        return Foreign(method, {**options, "center_input": False}, {**state, "log_theta": exact_log(theta, wpath),
-                                                                     "theta": theta},
+        return Foreign(method, {**options, "center_input": False}, {**state, "theta": held_threshold(theta, wpath)},
                        sae_reference(W_enc.T, b_enc, W_dec, b_dec, False, threshold=theta), origin)
     k = int(need(t, "k", (), wpath)) if "k" in t else size(trainer, "k", where)
     if not 0 < k <= m:

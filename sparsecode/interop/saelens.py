@@ -9,7 +9,6 @@ topk → "topk"; relu → "standard"; jumprelu → "jumprelu" (threshold = exp(l
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -110,22 +109,13 @@ def read(folder: Path) -> Foreign:
         opts.update(options)
         return Foreign(kept, opts, {**state, "threshold": theta[0].clone(), "threshold_ema": theta[0].clone()},
                        reference, origin)
-    return Foreign("jumprelu", options, {**state, "log_theta": exact_log(theta, where), "theta": theta}, reference,
+    return Foreign("jumprelu", options, {**state, "theta": held_threshold(theta, where)}, reference,
                    origin)
 
 
-def exact_log(theta: Tensor, where: Path) -> Tensor:
-    """fp32 log θ whose exp gives θ back bit for bit wherever one exists (the neighbours of the rounded log), for
-    training on from an imported θ (encode compares with θ itself)."""
-    if not bool((theta > 0).all()):
-        raise SparsecodeError(f"{where}: threshold holds {int((theta <= 0).sum())} values ≤ 0; sparsecode's "
-                              f"jumprelu holds positive thresholds")
-    log = theta.double().log().float()
-    best = log.clone()
-    for step in (1, -1, 2, -2):
-        near = log.clone()
-        for _ in range(abs(step)):
-            near = torch.nextafter(near, torch.full_like(near, math.inf if step > 0 else -math.inf))
-        fix = (best.exp() != theta) & (near.exp() == theta)
-        best = torch.where(fix, near, best)
-    return best
+def held_threshold(theta: Tensor, where: Path) -> Tensor:
+    """A file's JumpReLU θ as sparsecode's jumprelu holds it: trained directly, so kept bit for bit; θ < 0 refused."""
+    if not bool((theta >= 0).all()):
+        raise SparsecodeError(f"{where}: threshold holds {int((theta < 0).sum())} values < 0; sparsecode's "
+                              f"jumprelu holds thresholds ≥ 0")
+    return theta.clone()

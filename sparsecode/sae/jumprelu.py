@@ -4,7 +4,9 @@ Reading of the pseudo-derivatives (the paper's straight-through estimators, as i
 and SAELens): with the rectangle kernel K(u) = 1{|u| < ½} and bandwidth ε,
   ∂JumpReLU(pre; θ)/∂θ = −(θ/ε) · K((pre − θ)/ε),   ∂H(pre − θ)/∂θ = −(1/ε) · K((pre − θ)/ε),
 and neither passes a gradient to `pre` through the step (pre gets the plain gradient where z = pre).
-θ = exp(log θ) per latent (autograd chains through exp). Loss = FVU + λ · mean_b L0_b.
+θ is trained directly and kept ≥ 0 (`theta_param="direct"`, SAELens's fix: Adam moves a parameter ~lr a step, so
+the paper's log θ barely leaves its start in a short run); `"log"` trains log θ as the paper does.
+Loss = FVU + λ · mean_b L0_b.
 
 The encoder is dense. A training step keeps z as [B, m] (its code has all m slots, x̂ is one matmul), so it
 never reads a width back from the device; the reconstruction's gradient reaches the latents that fire (z ≠ 0),
@@ -14,7 +16,6 @@ busiest row's count.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from ..code import Code
 from ..coder import CoderConfig, Output, register
-from ..config import non_negative, positive
+from ..config import check, non_negative, positive
 from .base import SAE
 from .select import threshold
 
@@ -64,12 +65,14 @@ class JumpReLUConfig(CoderConfig):
     l0_coef: float = 0.01  # λ of the L0 penalty (per row, next to FVU)
     bandwidth: float = 0.05  # ε of the rectangle kernel, in pre-activation units
     theta_init: float = 0.1
+    theta_param: str = "direct"  # direct: θ itself, clamped ≥ 0 | log: log θ (the paper's)
     center_input: bool = True  # the encoder reads x − b_dec (False: x itself, as some imported SAEs do)
 
     def validate(self) -> None:
         super().validate()
         non_negative(self, "l0_coef")
         positive(self, "bandwidth", "theta_init")
+        check(self.theta_param in ("direct", "log"), f"theta_param must be direct or log, got {self.theta_param!r}")
 
 
 @register("jumprelu")
@@ -80,9 +83,16 @@ class JumpReLUSAE(SAE):
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
-        self.log_theta = nn.Parameter(torch.full((cfg.m,), math.log(cfg.theta_init)))
-        # the θ `encode` compares with: exp(log θ) after every step, or exactly what an imported file holds
-        self.register_buffer("theta", self.log_theta.detach().exp())
+        start = torch.full((cfg.m,), float(cfg.theta_init))
+        if cfg.theta_param == "log":  # the θ `encode` compares with: exp(log θ) after every step, or a file's θ
+            self.log_theta = nn.Parameter(start.log())
+            self.register_buffer("theta", start)
+        else:
+            self.theta = nn.Parameter(start)
+
+    def trained_theta(self) -> Tensor:
+        """θ as the optimizer holds it: a function of log θ, or θ itself."""
+        return self.log_theta.exp() if self.cfg.theta_param == "log" else self.theta
 
     def encode(self, x: Tensor) -> Code:
         self.check_input(x)
@@ -90,7 +100,7 @@ class JumpReLUSAE(SAE):
 
     def forward(self, x: Tensor) -> Output:
         self.check_input(x)
-        pre, theta = self.pre_acts(x), self.log_theta.exp()
+        pre, theta = self.pre_acts(x), self.trained_theta()
         z = _JumpReLU.apply(pre, theta, self.cfg.bandwidth)
         z = z * (z != 0)  # gradient only where a latent fires, as through the packed code of `encode`
         l0 = _Step.apply(pre, theta, self.cfg.bandwidth).sum(1).mean()
@@ -99,9 +109,17 @@ class JumpReLUSAE(SAE):
     @torch.no_grad()
     def after_step(self) -> None:
         super().after_step()
-        self.theta.copy_(self.log_theta.exp())
+        if self.cfg.theta_param == "log":
+            self.theta.copy_(self.log_theta.exp())
+        else:
+            self.theta.clamp_(min=0.0)
 
     def _load_from_state_dict(self, state, prefix, *args, **kwargs):
-        if prefix + "theta" not in state and prefix + "log_theta" in state:  # saved before θ was kept
-            state[prefix + "theta"] = state[prefix + "log_theta"].exp()
+        log, theta = prefix + "log_theta", prefix + "theta"
+        if theta not in state and log in state:  # saved before θ was kept
+            state[theta] = state[log].exp()
+        if self.cfg.theta_param == "direct":  # a log-θ file read as direct θ: its θ itself
+            state.pop(log, None)
+        elif log not in state and theta in state:
+            state[log] = state[theta].log()
         super()._load_from_state_dict(state, prefix, *args, **kwargs)
