@@ -1,6 +1,7 @@
 """The classic ReLU SAE: z = ReLU(W_enc (x − b_dec) + b_enc), loss FVU + λ Σ_i |z_i| · ‖W_dec,i‖.
 
-The decoder rows are free (not renormalised): the L1 term weights each latent by its atom's norm, so
+The decoder rows are free (not renormalised) and start at norm `init_norm` (0.1, as SAELens and Anthropic's
+April 2024 update do; 1 was the original reading): the L1 term weights each latent by its atom's norm, so
 shrinking z while growing the atom gains nothing. The L1 sum is divided by the batch's rms distance to
 its mean (`per_row_scale`), which makes λ independent of the data's scale, like FVU.
 
@@ -13,22 +14,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from ..code import Code
 from ..coder import CoderConfig, Output, register
-from ..config import non_negative
+from ..config import non_negative, positive
 from .base import SAE, dense_to_code, per_row_scale
 
 
 @dataclass
 class ReLUConfig(CoderConfig):
     l1_coef: float = 0.05  # λ, on the unitless scale above
+    init_norm: float = 0.1  # atoms (and the encoder, their transpose) start at this norm; 1 = unit atoms
     center_input: bool = True  # the encoder reads x − b_dec (False: x itself, as some imported SAEs do)
 
     def validate(self) -> None:
         super().validate()
         non_negative(self, "l1_coef")
+        positive(self, "init_norm")
 
 
 @register("relu")
@@ -38,6 +42,12 @@ class ReLUSAE(SAE):
     config_class = ReLUConfig
     unit_atoms = False
     transcodes = True  # d_out > 0: a (skip) transcoder; the L1 scale is the target's
+
+    def __init__(self, cfg: ReLUConfig):
+        super().__init__(cfg)
+        with torch.no_grad():  # small atoms at the start keep latents alive under L1 (Anthropic, April 2024)
+            self.W_dec.mul_(cfg.init_norm)
+            self.W_enc.mul_(cfg.init_norm)
 
     def encode(self, x: Tensor) -> Code:
         self.check_input(x)
