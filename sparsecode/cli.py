@@ -165,6 +165,17 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(f"training: steps={cfg.steps} batch_size={cfg.batch_size} lr={cfg.lr} seed={cfg.seed}")
     print(f"checkpoint: {ckpt if ckpt else 'none yet'}")
     print(f"last metrics: {format_metrics(last_metrics(run)) or 'none yet'}")
+    if cfg.coder.get("sites", 1) > 1 and ckpt:  # a crosscoder: where its live latents write
+        from .checkpoint import load_coder
+        from .files import read_json
+        from .metrics import site_shares
+
+        coder = load_coder(run)
+        shares = site_shares(coder.site_norms(), ~coder.dead_mask())
+        fvus = read_json(run / "eval.json").get("sites", {}) if (run / "eval.json").is_file() else {}
+        print(f"sites: {cfg.coder['sites']}; live latents with > 90% of their decoder norm on one site: "
+              f"{', '.join(f'site {k[9:]} {v}' for k, v in shares.items() if k != 'shared')}; shared {shares['shared']}"
+              + "".join(f"; held-out fvu site {k[4:]} {v:.4g}" for k, v in fvus.items() if k.startswith("fvu_")))
     return 0
 
 

@@ -30,12 +30,20 @@ class CoderConfig:
     # source that gives a target. Only methods with `transcodes` accept it.
     d_out: int = 0
     skip: bool = False  # a transcoder's linear skip path: output = decode(code) + x_in · W_skipᵀ (W_skip starts at 0)
+    # a crosscoder's sites: rows are `sites` activations of d_in / sites each, side by side (site-major), coded by
+    # one code and decoded by one decoder per site; the trainer fills it from a source of several sites. Only
+    # methods with `crosscodes` accept sites > 1.
+    sites: int = 1
 
     def validate(self) -> None:
         positive(self, "d_in")
         check(self.m > 0, f"m (dictionary size) must be positive, got {self.m}")
         check(self.d_out >= 0, f"d_out must be 0 (an autoencoder) or a target width, got {self.d_out}")
         check(not self.skip or self.d_out > 0, "skip needs a target: set d_out (a transcoder)")
+        check(self.sites >= 1, f"sites must be at least 1, got {self.sites}")
+        check(self.d_in % self.sites == 0, f"d_in={self.d_in} does not split into sites={self.sites} of one width")
+        check(self.sites == 1 or not self.d_out, f"sites={self.sites} (a crosscoder) with d_out={self.d_out} (a "
+                                                 f"transcoder) is not supported; drop one")
         check(self.dead_tokens is None or self.dead_tokens > 0,
               f"dead_tokens must be positive (or none: a twentieth of the run), got {self.dead_tokens}")
 
@@ -86,6 +94,7 @@ class Coder(nn.Module):
     name: ClassVar[str]
     config_class: ClassVar[type[CoderConfig]] = CoderConfig
     transcodes: ClassVar[bool] = False  # whether d_out > 0 (decode to a target other than the input) is supported
+    crosscodes: ClassVar[bool] = False  # whether sites > 1 (one code of several sites, a decoder per site) is supported
 
     def __init__(self, cfg: CoderConfig):
         super().__init__()
@@ -94,6 +103,10 @@ class Coder(nn.Module):
             able = ", ".join(n for n, c in sorted(REGISTRY.items()) if c.transcodes)
             raise SparsecodeError(f"method {self.name!r} cannot transcode (d_out={cfg.d_out}): it only reconstructs "
                                   f"its input; transcoders: {able}")
+        if cfg.sites > 1 and not self.crosscodes:
+            able = ", ".join(n for n, c in sorted(REGISTRY.items()) if c.crosscodes)
+            raise SparsecodeError(f"method {self.name!r} cannot crosscode (sites={cfg.sites}); crosscoders: {able} "
+                                  f"(sites=1 codes the sites' concatenation as one)")
         self.cfg = cfg
         # tokens since each atom last fired; drives dead-latent counts, AuxK and code restarts
         self.register_buffer("since_fired", torch.zeros(cfg.m, dtype=torch.long))

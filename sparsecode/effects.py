@@ -300,6 +300,8 @@ def load_target(run: str | Path, model: str | None = None, hook: str | None = No
         raise SparsecodeError(f"model {name!r} changed since the harvest of {m['_path']} "
                               f"({revision} now, {m['model_revision']} then)")
     coder = load_coder(run, device=next(net.parameters()).device)
+    check(coder.cfg.sites == 1, f"{run} is a crosscoder (sites={coder.cfg.sites}); steering and ablating act at "
+                                f"one site and take coders of one site")
     limits = [n for n in (model_context(net), m.get("context") if own else None) if n]
     point = m.get("hook_point", "output") if hook is None else "output"  # another hook: its output
     return Target(coder, net, tokenizer, hook or m["hook"], point, name, min(limits) if limits else 1 << 30,

@@ -15,7 +15,7 @@ from .diagnose import active_units, code_infomec, neural_collapse
 from .diagnose.doctor import DIAGNOSIS, diagnose, record
 from .errors import SparsecodeError
 from .files import atomic_write_json, read_json, read_jsonl
-from .metrics import CodeStats, atom_cosines, effective_rank, frequency_histogram, perplexity, recovery
+from .metrics import CodeStats, atom_cosines, effective_rank, frequency_histogram, perplexity, recovery, site_shares
 from .splice import splice_store
 from .train import load_config
 
@@ -47,7 +47,8 @@ def evaluate(coder: Coder, source: ActivationSource, rows: int = 65536, batch_si
     and InfoMEC of the codes against the true factors (sources with `factored_batch`: synthetic features)."""
     was_training = coder.training
     coder.eval()
-    stats = CodeStats(coder.cfg.m)
+    sites = coder.cfg.sites
+    stats = CodeStats(coder.cfg.m, sites)
     implicit = getattr(coder, "implicit_size", None)  # per-dimension quantizers: count the tuples of levels
     ids = []
     for x in batches(coder, source, rows, batch_size):
@@ -56,6 +57,9 @@ def evaluate(coder: Coder, source: ActivationSource, rows: int = 65536, batch_si
         if implicit is not None:
             ids.append(coder.code_ids(code).cpu())
     result: dict[str, Any] = {"rows": stats.rows, **stats.result()}
+    if sites > 1:  # a crosscoder: each site's FVU, and how its atoms' decoder norms split over the sites
+        result["sites"] = {**{f"fvu_{i}": f for i, f in enumerate(stats.site_fvu())},
+                           **site_shares(coder.site_norms(), stats.counts > 0)}
     if implicit is not None:
         counts = torch.unique(torch.cat(ids), return_counts=True)[1]
         result.update(implicit_codes=implicit(), implicit_used=int(counts.numel()),
@@ -111,7 +115,7 @@ def evaluate_run(run: Path, data: str | None = None, rows: int = 65536, batch_si
     cfg, coder = load_config(run), load_coder(run)
     src_cfg, source = held_out_source(run, cfg, data, "evaluate")
     result = evaluate(coder, source, rows=rows, batch_size=batch_size)
-    if src_cfg.kind == "store" and splice_contexts > 0:
+    if src_cfg.kind == "store" and splice_contexts > 0 and coder.cfg.sites == 1:  # a crosscoder splices nowhere yet
         result["spliced"] = splice_store(coder, src_cfg.path, src_cfg.heldout, splice_contexts)
     atomic_write_json(run / "eval.json", result)
     return result

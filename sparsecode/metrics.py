@@ -81,21 +81,38 @@ def frequency_histogram(counts: Tensor, rows: int, bins: int = 20, low: float = 
     return {"log10_edges": edges.tolist(), "counts": hist.long().tolist(), "never_fired": int((freq == 0).sum())}
 
 
+def site_shares(norms: Tensor, live: Tensor | None = None, threshold: float = 0.9) -> dict[str, int]:
+    """How the atoms' decoder norms [m, L] (a crosscoder's `site_norms`) split over the sites: an atom with more
+    than `threshold` of its summed norm on site l is specific to it (`specific_l`), the others `shared`. Only
+    `live` atoms (default: all of non-zero norm) are counted."""
+    norms = norms.detach().float().cpu()
+    total = norms.sum(1)
+    live = total > 0 if live is None else live.cpu() & (total > 0)
+    top = (norms / total.clamp_min(1e-12)[:, None]).max(1)
+    specific = live & (top.values > threshold)
+    out = {f"specific_{site}": int((specific & (top.indices == site)).sum()) for site in range(norms.shape[1])}
+    return {**out, "shared": int((live & ~specific).sum())}
+
+
 class CodeStats:
     """Accumulates FVU, L0 and atom usage over many batches (float64, global mean for the variance).
 
-    The sums stay on the batches' device, so updating never waits for the GPU; `result()` reads them once."""
+    With `sites` > 1 (a crosscoder's rows) it also gives the FVU of each site (`site_fvu`). The sums stay on the
+    batches' device, so updating never waits for the GPU; `result()` reads them once."""
 
-    def __init__(self, m: int):
-        self.m = m
+    def __init__(self, m: int, sites: int = 1):
+        self.m, self.sites = m, sites
         self.rows = 0
         self.sums: dict[str, Tensor] = {}
 
     @torch.no_grad()
     def update(self, x: Tensor, x_hat: Tensor, code: Code) -> None:
         x64 = x.detach().double()
-        parts = {"sq_err": (x64 - x_hat.detach().double()).pow(2).sum(), "sum_x": x64.sum(0),
+        err = (x64 - x_hat.detach().double()).pow(2)
+        parts = {"sq_err": err.sum(), "sum_x": x64.sum(0),
                  "sum_sq_x": x64.pow(2).sum(), "l0": code.l0().sum().double(), "counts": code.counts().double()}
+        if self.sites > 1:  # per column: each site's sums are its columns'
+            parts.update(col_err=err.sum(0), col_sq_x=x64.pow(2).sum(0))
         for key, value in parts.items():
             self.sums[key] = value if key not in self.sums else self.sums[key] + value
         self.rows += x.shape[0]
@@ -110,6 +127,12 @@ class CodeStats:
             return 0.0, None, 0.0, 0.0, torch.zeros(self.m, dtype=torch.float64)
         s = {k: v.cpu() for k, v in self.sums.items()}
         return s["sq_err"].item(), s["sum_x"], s["sum_sq_x"].item(), s["l0"].item(), s["counts"]
+
+    def site_fvu(self) -> list[float]:
+        """The FVU of each site's columns (each over its own variance), from the sums of `update`."""
+        s = {k: self.sums[k].cpu().view(self.sites, -1) for k in ("col_err", "col_sq_x", "sum_x")}
+        var = s["col_sq_x"].sum(1) - s["sum_x"].pow(2).sum(1) / max(self.rows, 1)
+        return (s["col_err"].sum(1) / var.clamp_min(1e-12)).tolist()
 
     def result(self) -> dict[str, float]:
         n = max(self.rows, 1)

@@ -147,7 +147,7 @@ def write_report(run: Path, result: dict[str, Any], out: Path | None = None,
                    f"<figcaption>{name}</figcaption></figure>" for name, png in plots.items())
     metrics = flat_metrics(result)
     groups = {g: {k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith(g + ".")}
-              for g in ("spliced", "nc_activations", "nc_codes", "posterior")}
+              for g in ("sites", "spliced", "nc_activations", "nc_codes", "posterior")}
     main = {k: v for k, v in metrics.items() if "." not in k}
     sections = "".join(f"<h2>{html.escape(g)}</h2>{_table(rows)}" for g, rows in groups.items() if rows)
     page = f"""<!doctype html>

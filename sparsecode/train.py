@@ -120,6 +120,9 @@ class Trainer:
         elif want:
             raise SparsecodeError(f"d_out={want} (a transcoder) needs a source that gives a target "
                                   f"(a paired store: harvest --target)")
+        sites = source_sites(self.source, cfg.coder.get("sites"))
+        if sites is not None:
+            cfg.coder["sites"] = sites
         # dead_tokens None: resolved here, saved in config.json, and on resume taken from there (`start`)
         self.auto_dead_tokens = cfg.coder.get("dead_tokens") is None
         if self.auto_dead_tokens:
@@ -344,6 +347,19 @@ def train(cfg: TrainConfig, run: Path, source: ActivationSource | None = None, r
     with writing(run, "run", keep=lambda: (Path(run) / "checkpoints" / "LATEST").is_file()):
         trainer.start(resume)
         return trainer.fit(on_step)
+
+
+def source_sites(source: ActivationSource, want: int | None) -> int | None:
+    """A crosscoder's `sites` from a source of several (`site_widths`, e.g. a store harvested with several hooks):
+    their number, checked against `want` (None: not set). sites=1 codes their concatenation as one site."""
+    widths = tuple(getattr(source, "site_widths", ()) or ())
+    if len(widths) < 2 or want == 1:
+        return None
+    check(len(set(widths)) == 1, f"a crosscoder needs sites of one width, but the source's sites are "
+                                 f"{', '.join(map(str, widths))} wide (no projection to one width); set sites=1 to "
+                                 f"code their concatenation as one site")
+    check(want in (None, len(widths)), f"the source has {len(widths)} sites but the run expects sites={want}")
+    return len(widths)
 
 
 def check_run_folder(run: Path) -> None:

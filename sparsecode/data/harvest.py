@@ -4,14 +4,17 @@ The hooked module's output (or input) is kept for every content token of the pac
 `contexts.py`). Contexts run in fixed batches from the corpus start, so a resumed harvest recomputes exactly
 the batch it stopped in and the store equals a straight run's. With `target` (a second module, `--target`,
 and its `--target-point`) both sites are captured in the same forward pass and the target's rows are stored
-beside `acts` under the key `target`, row for row: a paired store for transcoders.
+beside `acts` under the key `target`, row for row: a paired store for transcoders. With `hooks` (several modules,
+each `--hook`, all at `hook_point`) every site is captured in the same pass and stored side by side in `acts`
+([rows, Σ widths], the sites in order), the manifest's `sites` listing each (module, point, width): a store for
+crosscoders.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +41,16 @@ class HarvestConfig(ModelSpec):
     shard_tokens: int = 131072
     target: str = ""  # a second module whose activations are stored beside acts (a transcoder's target); "": none
     target_point: str = "output"  # output | input of the target module
+    # a crosscoder's sites: modules stored side by side in acts, each at hook_point (the first is `hook`); []: one
+    hooks: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         super().validate()
+        check(not self.hooks or len(self.hooks) >= 2, f"hooks lists a crosscoder's sites: give two or more, got "
+                                                      f"{self.hooks}")
+        check(len(set(self.hooks)) == len(self.hooks), f"a --hook is given twice: {', '.join(self.hooks)}")
+        check(not (self.hooks and self.target), "several --hook (a crosscoder's store) and --target (a transcoder's) "
+                                                "do not go together")
         check(self.target_point in ("output", "input"),
               f"target point must be output or input, got {self.target_point!r}")
         check(bool(self.target) or self.target_point == "output", "--target-point needs a --target")
@@ -57,13 +67,16 @@ def harvest(cfg: HarvestConfig, progress: bool = False,
 
     `on_shard(n)` runs after each shard is written (n = shards so far in this call).
     """
+    cfg = replace(cfg, hook=cfg.hooks[0]) if cfg.hooks else cfg  # a crosscoder's store: `hook` names its first site
     cfg.validate()
     corpus = open_corpus(cfg.corpus, cfg.text_field)
     model, tokenizer, revision = load_model(cfg.model, cfg.revision, pick_device(cfg.device), cfg.tokenizer)
-    hooked = Paired(model, cfg.hook, cfg.hook_point, cfg.target, cfg.target_point) if cfg.target else \
-        Hooked(model, cfg.hook, cfg.hook_point)
+    sites = [(cfg.hook, cfg.hook_point), (cfg.target, cfg.target_point)] if cfg.target else \
+        [(h, cfg.hook_point) for h in cfg.hooks]
+    hooked = Paired(model, sites) if sites else Hooked(model, cfg.hook, cfg.hook_point)
     layout = Layout.of(tokenizer, cfg.context, cfg.prepend_bos)
-    unpaired = () if cfg.target else ("target", "target_point")  # a store without a target keeps the old header
+    # a store without a target or several hooks keeps the old header
+    unpaired = (() if cfg.target else ("target", "target_point")) + (() if cfg.hooks else ("hooks",))
     header = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "tokens", *unpaired)}
     header.update(model_revision=revision, corpus_fingerprint=corpus.fingerprint(), tokens_requested=cfg.tokens)
     out = Path(cfg.out)
@@ -87,9 +100,12 @@ def _harvest_into(writer: StoreWriter, cfg: HarvestConfig, corpus: Corpus, token
     contexts = pack(corpus, tokenizer, layout, tuple(resume["cursor"]))
     for group in batches(contexts, cfg.batch_contexts, cfg.tokens - row):
         rows = run_contexts(hooked, group)
-        if isinstance(hooked, Paired):  # [rows, d_in + d_out]: the input's columns, then the target's
-            rows["target"] = rows["acts"][:, hooked.d_in:]
-            rows["acts"] = rows["acts"][:, :hooked.d_in]
+        if cfg.target:  # [rows, d_in + d_out]: the input's columns, then the target's
+            rows["target"] = rows["acts"][:, hooked.widths[0]:]
+            rows["acts"] = rows["acts"][:, :hooked.widths[0]]
+        elif cfg.hooks:  # [rows, Σ widths]: each site's columns in turn, listed in the manifest
+            writer.manifest["sites"] = [{"module": h, "point": cfg.hook_point, "width": w}
+                                        for h, w in zip(cfg.hooks, hooked.widths, strict=True)]
         n = min(len(rows["acts"]), cfg.tokens - row)
         new = {k: v[skip:n] for k, v in rows.items()}
         written = writer.add(new, {"cursor": list(group[0].cursor), "row": row})
@@ -104,13 +120,15 @@ def _harvest_into(writer: StoreWriter, cfg: HarvestConfig, corpus: Corpus, token
 
 
 class Paired:
-    """Runs token batches up to the later of two sites (module, output|input) and returns both activations side by
-    side, [B, T, d_in + d_out] (input site first; its width in `d_in`), float32 on the CPU."""
+    """Runs token batches up to the last of several sites (module, output|input) and returns their activations side
+    by side, [B, T, Σ widths] in the order given (each site's width in `widths`), float32 on the CPU: a transcoder's
+    input and target, or a crosscoder's sites."""
 
-    def __init__(self, model: Any, hook: str, point: str, target: str, target_point: str):
+    def __init__(self, model: Any, sites: list[tuple[str, str]]):
         self.model, self.device = model, next(model.parameters()).device
-        self.sites = [(find_module(model, hook), point), (find_module(model, target), target_point)]
-        self.d_in = 0
+        self.names = [name for name, _ in sites]
+        self.sites = [(find_module(model, name), point) for name, point in sites]
+        self.widths: list[int] = []
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -118,7 +136,7 @@ class Paired:
 
         def grab(i: int, x: Any) -> None:
             seen.setdefault(i, (x[0] if isinstance(x, tuple) else x).clone())
-            if len(seen) == 2:
+            if len(seen) == len(self.sites):
                 raise _Stop
 
         handles = []
@@ -137,11 +155,11 @@ class Paired:
         finally:
             for h in handles:
                 h.remove()
-        if len(seen) < 2:
-            raise SparsecodeError("the hooked module or the target module did not run in the forward pass; "
-                                  "pick another --hook/--target")
-        parts = [seen[i].reshape(*ids.shape, -1).float().cpu() for i in (0, 1)]
-        self.d_in = parts[0].shape[-1]
+        missing = [name for i, name in enumerate(self.names) if i not in seen]
+        if missing:
+            raise SparsecodeError(f"{', '.join(missing)} did not run in the forward pass; pick another --hook/--target")
+        parts = [seen[i].reshape(*ids.shape, -1).float().cpu() for i in range(len(self.sites))]
+        self.widths = [p.shape[-1] for p in parts]
         return torch.cat(parts, -1)
 
 
@@ -157,9 +175,10 @@ def add_harvest_command(sub: Any) -> argparse.ArgumentParser:
     """Add `sparsecode harvest` to the CLI's subparsers; the defaults are HarvestConfig's (flags left out
     keep them)."""
     d = HarvestConfig()
-    h = sub.add_parser("harvest", help="store a model's activations at one module over a corpus")
+    h = sub.add_parser("harvest", help="store a model's activations at one module (or several) over a corpus")
     h.add_argument("--model", help=f"hub id, local folder, or 'minilm' (embedded; default {d.model})")
-    h.add_argument("--hook", help=f"module path, e.g. encoder.layer.3 or transformer.h.6 (default {d.hook})")
+    h.add_argument("--hook", action="append", help=f"module path, e.g. encoder.layer.3 or transformer.h.6 (default "
+                                                   f"{d.hook}); several: a crosscoder's sites, stored side by side")
     h.add_argument("--hook-point", choices=["output", "input"], help=f"default {d.hook_point}")
     h.add_argument("--target", help="a second module stored beside --hook in the same pass (a transcoder's target)")
     h.add_argument("--target-point", choices=["output", "input"], help=f"of --target (default {d.target_point})")
@@ -184,11 +203,14 @@ def add_harvest_command(sub: Any) -> argparse.ArgumentParser:
 
 
 def cmd_harvest(a: argparse.Namespace) -> int:
+    hooks = a.hook or []
+    a.hook, a.hooks = (hooks[0] if hooks else None), (hooks if len(hooks) > 1 else None)
     cfg = HarvestConfig(**{f.name: getattr(a, f.name) for f in fields(HarvestConfig)
                            if getattr(a, f.name, None) is not None})
     m = harvest(cfg, progress=not a.no_progress)
     short = "" if m["tokens"] >= cfg.tokens else f" (the corpus ran out before {cfg.tokens})"
     pair = f" → {cfg.target} ({cfg.target_point}, d_out={m['d_out']})" if cfg.target else ""
-    print(f"stored {m['tokens']} tokens{short} of {cfg.model} {cfg.hook} ({cfg.hook_point}, d={m['d']}{pair}, "
+    hook = " + ".join(cfg.hooks) if cfg.hooks else cfg.hook
+    print(f"stored {m['tokens']} tokens{short} of {cfg.model} {hook} ({cfg.hook_point}, d={m['d']}{pair}, "
           f"{m['dtype']}) in {len(m['shards'])} shards: {cfg.out}")
     return 0

@@ -5,7 +5,9 @@ Each shard holds `rows` consecutive harvested tokens: `acts` [rows, d] (fp16, bf
 is one `shard-NNNNN.safetensors`, or `shard-NNNNN.npy` (acts; bf16 kept as raw uint16) plus
 `shard-NNNNN.meta.npy` ([rows, 3] int64: token, doc, pos). A paired store (harvest --target) also holds
 `target` [rows, d_out] (a second site's rows, aligned with acts; `shard-NNNNN.target.npy`), and its
-manifest `d_out`; its source gives [acts, target] rows, d + d_out wide, for transcoders. Shards are written
+manifest `d_out`; its source gives [acts, target] rows, d + d_out wide, for transcoders. A store of several sites
+(harvest with several --hook) holds them side by side in `acts`, its manifest's `sites` listing each (module,
+point, width) in order; its source's `site_widths` tell a crosscoder where one site ends. Shards are written
 atomically before the manifest that lists them (with their sha256); the manifest also keeps where to resume the harvest.
 
 The reader maps shards into memory and checks each shard's sha256 the first time it opens it. An epoch
@@ -205,6 +207,11 @@ class Store:
         self.shards: list[dict[str, Any]] = m["shards"]
         self.d, self.dtype = int(m["d"]), m["dtype"]
         self.d_out = int(m.get("d_out") or 0)  # a paired store's target width (0: none)
+        sites = m.get("sites") or []  # a store of several sites: their widths, in order, summing to d
+        self.site_widths = tuple(s.get("width") if isinstance(s, dict) else None for s in sites)
+        if not all(isinstance(w, int) and w > 0 for w in self.site_widths) or sites and sum(self.site_widths) != self.d:
+            raise SparsecodeError(f"{self.path / MANIFEST}: the sites' widths {list(self.site_widths)} do not add "
+                                  f"up to d={self.d}")
         self.starts = np.cumsum([0] + [s["rows"] for s in self.shards])
         self.n = int(self.starts[-1])
         self._maps = [self._map(info) for info in self.shards]  # every file present, of its listed shape
@@ -299,7 +306,7 @@ class StoreSource:
         self.store, self.rows, self.seed = store, rows, seed
         self.opts = opts or StoreOptions()
         check(len(rows) > 0, f"store {store.path}: the split has no rows")
-        self.d, self.d_out = store.d, store.d_out
+        self.d, self.d_out, self.site_widths = store.d, store.d_out, store.site_widths
         self.n_chunks = -(-len(rows) // self.opts.chunk_rows)
         self.per_window = max(1, self.opts.buffer_rows // self.opts.chunk_rows)
         self.epoch, self.pos = 0, 0

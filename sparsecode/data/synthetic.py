@@ -6,6 +6,8 @@ coefficients uniform in [coef_min, coef_max] (random sign if `signed`), plus opt
 `both_polarities` scores how many signed features a coder carries in both directions.
 `Clusters`: a mixture of well-separated centres (unit norm) with isotropic noise of norm about `spread`.
 `SparseMap`: pairs for transcoders: x = B·f (+ dense Gaussian), target y = A·f (+ C·x), f as SparseFeatures'.
+`SiteFeatures`: rows of L sites for crosscoders, x_l = Σ_i c_i f_il over f as SparseFeatures', each feature with
+its own direction at every site, except a share `specific` of them planted at one site only (zero elsewhere).
 """
 
 from __future__ import annotations
@@ -78,16 +80,20 @@ class SparseFeatures:
 
     def sample(self, n: int) -> tuple[Tensor, Tensor]:
         """([n, d] rows, [n, n_features] true coefficients)."""
+        coef = self.coefficients(n)
+        x = coef @ self.features
+        if self.cfg.noise:
+            x = x + self.cfg.noise * torch.randn(n, x.shape[1], generator=self.generator)
+        return x, coef
+
+    def coefficients(self, n: int) -> Tensor:
+        """[n, n_features] fresh true coefficients (0 where a feature is silent), from the stream's generator."""
         c, g = self.cfg, self.generator
         fires = torch.rand(n, c.n_features, generator=g) < self.freq
         coef = c.coef_min + (c.coef_max - c.coef_min) * torch.rand(n, c.n_features, generator=g)
         if c.signed:
             coef = coef * (torch.randint(0, 2, (n, c.n_features), generator=g) * 2 - 1)
-        coef = coef * fires
-        x = coef @ self.features
-        if c.noise:
-            x = x + c.noise * torch.randn(n, c.d, generator=g)
-        return x, coef
+        return coef * fires
 
     def next_batch(self, n: int) -> Tensor:
         return self.sample(n)[0]
@@ -162,6 +168,58 @@ class SparseMap:
         self.inner.load_state_dict(state)
 
 
+@dataclass
+class SiteFeaturesConfig(SparseFeaturesConfig):
+    """SparseFeatures' options (d: the width of one site), plus how many sites and how many features are specific."""
+
+    sites: int = 2
+    specific: float = 0.25  # share of the features planted at one site only (the sites in turn); the rest at all
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.sites >= 1, f"sites must be at least 1, got {self.sites}")
+        check(0 <= self.specific <= 1, f"specific must be in [0, 1], got {self.specific}")
+
+
+class SiteFeatures:
+    """Rows [x_0, ..., x_{L-1}] (sites side by side, L·d wide) of shared sparse features, some planted at one site."""
+
+    def __init__(self, cfg: SiteFeaturesConfig, seed: int = 0, stream: str = "train"):
+        self.cfg, self.d, self.site_widths = cfg, cfg.sites * cfg.d, (cfg.d,) * cfg.sites
+        self.inner = SparseFeatures(cfg, seed, stream)  # the coefficients f, from the stream's generator
+        g = torch.Generator().manual_seed(derive_seed(seed, "truth/sites"))
+        n, sites = cfg.n_features, cfg.sites
+        dirs = F.normalize(torch.randn(n, sites, cfg.d, generator=g), dim=2)  # each feature's direction per site
+        chosen = torch.randperm(n, generator=g)[: round(cfg.specific * n)]
+        self.planted = torch.ones(n, sites, dtype=torch.bool)  # [n, L]: where each feature writes
+        self.planted[chosen] = F.one_hot(torch.arange(len(chosen)) % sites, sites).bool()
+        self.features = (dirs * self.planted[..., None]).reshape(n, self.d)  # [n, L·d]
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        """([n, L·d] rows, [n, n_features] true coefficients)."""
+        coef = self.inner.coefficients(n)
+        x = coef @ self.features
+        if self.cfg.noise:
+            x = x + self.cfg.noise * torch.randn(n, self.d, generator=self.inner.generator)
+        return x, coef
+
+    def next_batch(self, n: int) -> Tensor:
+        return self.sample(n)[0]
+
+    factored_batch = sample
+
+    @property
+    def truth(self) -> Tensor:
+        """The features' atoms over all sites [n_features, L·d] (zero at the sites a feature is not planted in)."""
+        return self.features
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
 class Clusters:
     """Rows x = centre_c + noise, c uniform over well-separated unit-norm centres."""
 
@@ -203,6 +261,12 @@ def open_sparse(cfg: SourceConfig, split: str) -> SparseFeatures:
 def open_sparse_map(cfg: SourceConfig, split: str) -> SparseMap:
     spec = from_dict(SparseMapConfig, cfg.options, "sparse_map source")
     return SparseMap(spec, cfg.seed, split)
+
+
+@register_source("sites", SiteFeaturesConfig)
+def open_site_features(cfg: SourceConfig, split: str) -> SiteFeatures:
+    spec = from_dict(SiteFeaturesConfig, cfg.options, "sites source")
+    return SiteFeatures(spec, cfg.seed, split)
 
 
 @register_source("clusters", ClustersConfig)

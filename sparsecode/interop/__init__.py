@@ -190,6 +190,8 @@ def export_run(run: str | Path, to: str, out: str | Path, rows: int = 65536) -> 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SparsecodeError(f"{out} exists and is not an empty folder; pick a new --out")
     coder = checkpoint.load_coder(run)
+    if coder.cfg.sites > 1:
+        raise SparsecodeError(f"{run} is a crosscoder (sites={coder.cfg.sites}); {to} holds coders of one site")
     if coder.name not in fmt.HOLDS:
         raise SparsecodeError(f"{to} has no equivalent of {coder.name}: it holds {', '.join(fmt.HOLDS)}")
     if hasattr(coder, "threshold") and float(coder.threshold) < 0:

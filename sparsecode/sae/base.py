@@ -64,6 +64,11 @@ class Dictionary(Coder):
     def atoms(self) -> Tensor:
         return self.W_dec
 
+    def site_norms(self) -> Tensor:
+        """[m, sites] each atom's decoder norm at each site (a crosscoder's W_dec [m, L·d] read as [m, L, d];
+        [m, 1]: the atoms' norms): near 0 at a site where the latent writes nothing."""
+        return self.W_dec.view(self.cfg.m, self.cfg.sites, -1).norm(dim=2)
+
     @torch.no_grad()
     def init_from_data(self, x: Tensor, target: Tensor | None = None) -> None:
         """b_dec from the mean of what the decoder outputs: the target's (a transcoder), else x's."""
@@ -88,7 +93,10 @@ class SAE(Dictionary):
 
     A transcoder (cfg.d_out > 0, methods with `transcodes`) decodes to a target: W_dec [m, d_out], b_dec
     [d_out], encoder and decoder drawn apart; with `skip`, output = decode(code) + x · W_skipᵀ (W_skip [d_out,
-    d_in], zero at init). Its encoder reads x itself (b_dec lives in the target space; sparsify's choice)."""
+    d_in], zero at init). Its encoder reads x itself (b_dec lives in the target space; sparsify's choice).
+
+    A crosscoder (cfg.sites = L > 1, methods with `crosscodes`) reads rows of L sites side by side: W_enc over
+    the concatenation is the sum of per-site projections, W_dec [m, L·d] one decoder per site (`site_norms`)."""
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -80,6 +80,7 @@ class JumpReLUSAE(SAE):
     """Per-latent learned thresholds θ; a latent is active where its pre-activation exceeds θ."""
 
     config_class = JumpReLUConfig
+    crosscodes = True  # sites > 1: a crosscoder; its L0 penalty reads no decoder norm, whole atoms stay unit-norm
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)

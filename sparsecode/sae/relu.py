@@ -3,7 +3,9 @@
 The decoder rows are free (not renormalised) and start at norm `init_norm` (0.1, as SAELens and Anthropic's
 April 2024 update do; 1 was the original reading): the L1 term weights each latent by its atom's norm, so
 shrinking z while growing the atom gains nothing. The L1 sum is divided by the batch's rms distance to
-its mean (`per_row_scale`), which makes λ independent of the data's scale, like FVU.
+its mean (`per_row_scale`), which makes λ independent of the data's scale, like FVU. A crosscoder (sites > 1)
+weights each latent by the sum of its per-site decoder norms instead (Anthropic's crosscoders, 2024): an L1 over
+sites, so a latent pays for every site it writes and one that belongs to one site is pushed to zero elsewhere.
 
 The encoder is dense: gradients reach every latent with a positive pre-activation. A training step keeps
 z as [B, m] (its code has all m slots, x̂ is one matmul), so it never reads a width back from the device;
@@ -42,6 +44,7 @@ class ReLUSAE(SAE):
     config_class = ReLUConfig
     unit_atoms = False
     transcodes = True  # d_out > 0: a (skip) transcoder; the L1 scale is the target's
+    crosscodes = True  # sites > 1: each latent's L1 weight is the sum of its per-site decoder norms
 
     def __init__(self, cfg: ReLUConfig):
         super().__init__(cfg)
@@ -57,5 +60,5 @@ class ReLUSAE(SAE):
         self.check_input(x)
         y = self.check_target(x, target)
         z = self.pre_acts(x).relu()
-        l1 = (z * self.W_dec.norm(dim=1)).sum(1).mean() / per_row_scale(y)
+        l1 = (z * self.site_norms().sum(1)).sum(1).mean() / per_row_scale(y)
         return self.dense_output(x, z, y, l1=self.cfg.l1_coef * l1)  # full-width code, one-matmul decode

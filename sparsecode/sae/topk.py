@@ -59,6 +59,7 @@ class TopKSAE(AuxKSAE):
 
     config_class = TopKConfig
     transcodes = True  # d_out > 0: a (skip) transcoder, scored on the target the trainer passes
+    crosscodes = True  # sites > 1: a crosscoder; the whole atom (all sites) stays unit-norm
 
     def __init__(self, cfg: TopKConfig):
         super().__init__(cfg)
