@@ -4,7 +4,8 @@ Reading of the pseudo-derivatives (the paper's straight-through estimators, as i
 and SAELens): with the rectangle kernel K(u) = 1{|u| < ½} and bandwidth ε,
   ∂JumpReLU(pre; θ)/∂θ = −(θ/ε) · K((pre − θ)/ε),   ∂H(pre − θ)/∂θ = −(1/ε) · K((pre − θ)/ε),
 and neither passes a gradient to `pre` through the step (pre gets the plain gradient where z = pre).
-θ = exp(log θ) per latent (autograd chains through exp). Loss = FVU + λ · mean_b L0_b.
+θ = exp(log θ) per latent (autograd chains through exp). Loss = FVU + λ · mean_b L0_b. With `d_out` it is a
+(skip) transcoder (SAE's layout; SAELens's jumprelu_(skip_)transcoder): the FVU is the target's.
 
 The encoder is dense. A training step keeps z as [B, m] (its code has all m slots, x̂ is one matmul), so it
 never reads a width back from the device; the reconstruction's gradient reaches the latents that fire (z ≠ 0),
@@ -77,6 +78,7 @@ class JumpReLUSAE(SAE):
     """Per-latent learned thresholds θ; a latent is active where its pre-activation exceeds θ."""
 
     config_class = JumpReLUConfig
+    transcodes = True  # d_out > 0: a (skip) transcoder, its FVU the target's (SAELens's jumprelu_transcoder)
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
@@ -88,13 +90,14 @@ class JumpReLUSAE(SAE):
         self.check_input(x)
         return threshold(self.pre_acts(x), self.theta, self.cfg.m)
 
-    def forward(self, x: Tensor) -> Output:
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
         self.check_input(x)
+        y = self.check_target(x, target)
         pre, theta = self.pre_acts(x), self.log_theta.exp()
         z = _JumpReLU.apply(pre, theta, self.cfg.bandwidth)
         z = z * (z != 0)  # gradient only where a latent fires, as through the packed code of `encode`
         l0 = _Step.apply(pre, theta, self.cfg.bandwidth).sum(1).mean()
-        return self.dense_output(x, z, l0=self.cfg.l0_coef * l0)  # full-width code, one-matmul decode
+        return self.dense_output(x, z, y, l0=self.cfg.l0_coef * l0)  # full-width code, one-matmul decode
 
     @torch.no_grad()
     def after_step(self) -> None:
