@@ -110,7 +110,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .metrics import flat_metrics
 
     result = evaluate_run(Path(a.run), a.data, a.rows, a.batch_size, a.splice_contexts)
-    print(json.dumps(result) if a.json else format_metrics(flat_metrics(result)))
+    of = "fvu of the target (a transcoder; codes of the input): " if result.get("fvu_of") == "target" else ""
+    print(json.dumps(result) if a.json else of + format_metrics(flat_metrics(result)))
     return 0
 
 
@@ -161,6 +162,10 @@ def cmd_info(a: argparse.Namespace) -> int:
     ckpt = latest_checkpoint(run)
     print(f"method: {cfg.method}")
     print(f"coder: {json.dumps(cfg.coder)}")
+    if cfg.coder.get("d_out"):
+        skip = " with a skip path" if cfg.coder.get("skip") else ""
+        print(f"transcoder{skip}: input d_in={cfg.coder.get('d_in')}, target d_out={cfg.coder['d_out']}; "
+              f"fvu is of the target")
     print(f"source: {cfg.source.kind} {cfg.source.path or ''} {json.dumps(cfg.source.options)}")
     print(f"training: steps={cfg.steps} batch_size={cfg.batch_size} lr={cfg.lr} seed={cfg.seed}")
     print(f"checkpoint: {ckpt if ckpt else 'none yet'}")
@@ -193,8 +198,9 @@ def cmd_import(a: argparse.Namespace) -> int:
 
     r = import_folder(a.src, Path(a.out), a.sae)
     print(check_line(r))
-    print(f"{r['format']} {r['from']} imported as {r['method']} to {r['out']}; evaluate it with "
-          f"`sparsecode eval {r['out']} --data STORE`")
+    what, data = (f"a {r['method']} transcoder", "PAIRED_STORE") if r.get("d_out") else (r["method"], "STORE")
+    print(f"{r['format']} {r['from']} imported as {what} to {r['out']}; evaluate it with "
+          f"`sparsecode eval {r['out']} --data {data}`")
     return 0
 
 

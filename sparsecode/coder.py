@@ -147,7 +147,11 @@ class Coder(nn.Module):
 
     def transcode(self, x: Tensor) -> Tensor:
         """The coder's output for input rows x: decode(encode(x)) (a transcoder adds its skip path)."""
-        return self.decode(self.encode(x))
+        return self.predict(x, self.encode(x))
+
+    def predict(self, x: Tensor, code: Code) -> Tensor:
+        """The output for inputs x with their code: decode(code) (a transcoder's SAE adds its skip path)."""
+        return self.decode(code)
 
     @property
     def d_out(self) -> int:

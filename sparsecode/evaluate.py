@@ -23,19 +23,30 @@ MAX_NC_CODE_ELEMENTS = 1 << 26  # NC on dense codes holds a few float64 copies o
 MAX_COSINE_ATOMS = 8192  # atom-pair cosines cost m²·d: above this, a fixed random subset of atoms
 
 
-def batches(coder: Coder, source: ActivationSource, rows: int, batch_size: int):
-    """Held-out batches on the coder's device, checked for width and finiteness."""
+def pairs(coder: Coder, source: ActivationSource, rows: int, batch_size: int):
+    """Held-out (input, what the output is scored against) batches on the coder's device, checked for width and
+    finiteness: a transcoder's (x, target) from a source with a target, an autoencoder's (x, x)."""
     if source.d != coder.cfg.d_in:
         raise SparsecodeError(f"the data has d={source.d} but the run expects d_in={coder.cfg.d_in}")
+    d_out, want = int(getattr(source, "d_out", 0) or 0), coder.cfg.d_out
+    if want and d_out != want:
+        raise SparsecodeError(f"the run is a transcoder (d_out={want}) but the data gives " + (
+            f"a target of d_out={d_out}" if d_out else "no target: use a paired store (harvest --target)"))
     device = next(iter(coder.buffers())).device
     if hasattr(source, "__len__"):  # a finite split: one pass at most, no row counted twice
         rows = min(rows, len(source))
-    done = 0
+    done, d = 0, coder.cfg.d_in
     while done < rows:
         x = source.next_batch(min(batch_size, rows - done)).to(device, torch.float32)
         if not torch.isfinite(x).all():
             raise SparsecodeError("the evaluation data contains NaN or inf values")
         done += x.shape[0]
+        yield (x[:, :d], x[:, d:]) if want else (x[:, :d], x[:, :d])  # a paired source's target unused: dropped
+
+
+def batches(coder: Coder, source: ActivationSource, rows: int, batch_size: int):
+    """Held-out input rows [B, d_in] on the coder's device (a transcoder's target columns dropped)."""
+    for x, _ in pairs(coder, source, rows, batch_size):
         yield x
 
 
@@ -44,19 +55,20 @@ def evaluate(coder: Coder, source: ActivationSource, rows: int = 65536, batch_si
              details: bool = True, nc_rows: int = 4096, infomec_rows: int = 2048) -> dict[str, Any]:
     """FVU, L0, usage and perplexity; with `details` also atom geometry, the frequency histogram,
     ground-truth recovery, neural collapse (labelled sources), posterior collapse (variational methods)
-    and InfoMEC of the codes against the true factors (sources with `factored_batch`: synthetic features)."""
+    and InfoMEC of the codes against the true factors (sources with `factored_batch`: synthetic features).
+    A transcoder's FVU is of its target (its output from the code of x; `fvu_of` says which)."""
     was_training = coder.training
     coder.eval()
     sites = coder.cfg.sites
     stats = CodeStats(coder.cfg.m, sites)
     implicit = getattr(coder, "implicit_size", None)  # per-dimension quantizers: count the tuples of levels
     ids = []
-    for x in batches(coder, source, rows, batch_size):
+    for x, y in pairs(coder, source, rows, batch_size):
         code = coder.encode(x)
-        stats.update(x, coder.decode(code), code)
+        stats.update(y, coder.predict(x, code), code)
         if implicit is not None:
             ids.append(coder.code_ids(code).cpu())
-    result: dict[str, Any] = {"rows": stats.rows, **stats.result()}
+    result: dict[str, Any] = {"rows": stats.rows, **stats.result(), "fvu_of": "target" if coder.cfg.d_out else "input"}
     if sites > 1:  # a crosscoder: each site's FVU, and how its atoms' decoder norms split over the sites
         result["sites"] = {**{f"fvu_{i}": f for i, f in enumerate(stats.site_fvu())},
                            **site_shares(coder.site_norms(), stats.counts > 0)}
@@ -103,7 +115,8 @@ def held_out_source(run: Path, cfg: Any, data: str | None, verb: str) -> tuple[S
         return src_cfg, open_source(src_cfg, "train")
     if cfg.source.kind == "memory":
         why = "was imported" if (Path(run) / "origin.json").is_file() else "was trained on in-memory data"
-        raise SparsecodeError(f"run {run} {why}; {verb} it with --data FILE.npy or --data STORE")
+        data = "--data PAIRED_STORE (harvest --target)" if cfg.coder.get("d_out") else "--data FILE.npy or --data STORE"
+        raise SparsecodeError(f"run {run} {why}; {verb} it with {data}")
     return cfg.source, open_source(cfg.source, "eval")
 
 

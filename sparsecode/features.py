@@ -191,9 +191,9 @@ def build_features(run: str | Path, data: str | None = None, cfg: FeatureConfig 
     store = resolve_store(run, data)
     coder = load_coder(run, device=pick_device(device)).eval()
     atoms = coder.atoms().detach().float().cpu()
-    m, d = atoms.shape
+    m, d = atoms.shape[0], coder.cfg.d_in  # a transcoder's codes read its input (the store's acts) alone
     if store.d != d:
-        raise SparsecodeError(f"store {store.path} holds d={store.d} activations but the run's atoms have d={d}")
+        raise SparsecodeError(f"store {store.path} holds d={store.d} activations but the run reads d_in={d}")
     n = min(cfg.tokens or store.n, store.n)
     score = scoring(coder, store)
     settings = {"version": VERSION, "store": str(Path(store.path).resolve()), "store_tokens": store.n,

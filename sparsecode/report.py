@@ -149,6 +149,8 @@ def write_report(run: Path, result: dict[str, Any], out: Path | None = None,
     groups = {g: {k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith(g + ".")}
               for g in ("sites", "spliced", "nc_activations", "nc_codes", "posterior")}
     main = {k: v for k, v in metrics.items() if "." not in k}
+    if result.get("fvu_of") == "target":  # a transcoder: its FVU is of the target, its codes of the input
+        main = {"fvu of": "the target (a transcoder; codes of the input)", **main}
     sections = "".join(f"<h2>{html.escape(g)}</h2>{_table(rows)}" for g, rows in groups.items() if rows)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>sparsecode report: {html.escape(run.name)}</title>

@@ -196,7 +196,7 @@ def test_user_errors_are_one_line(gpt2_dir, gpt2_store, topk_run, tmp_path, caps
     (tmp_path / "junk").mkdir()
     cases = [(["features", str(tmp_path / "nope")], "run directory not found"),
              (["features", str(topk_run), "--data", str(tmp_path / "junk")], "is not an activation store"),
-             (["features", str(topk_run), "--data", str(wide)], "d=128 activations but the run's atoms have d=32"),
+             (["features", str(topk_run), "--data", str(wide)], "d=128 activations but the run reads d_in=32"),
              (["browse", str(tmp_path / "junk")], "not found")]
     for argv, words in cases:
         assert main(argv) == 2

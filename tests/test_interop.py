@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from data_helpers import minilm_store  # noqa: F401
-from interop_helpers import PAIRS, make_runs
+from interop_helpers import PAIRS, TC_PAIRS, TRANSCODERS, make_runs, make_transcoders
 from safetensors.torch import load_file, save_file
 
 from sparsecode.checkpoint import load_coder as load_run
@@ -29,7 +29,7 @@ def runs(tmp_path_factory):
 
 def weights(coder) -> dict[str, torch.Tensor]:
     """The tensors that define a coder's encode/decode (not its training bookkeeping)."""
-    keep = {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "theta"}
+    keep = {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "theta", "W_skip"}
     return {k: v for k, v in coder.state_dict().items() if k in keep}
 
 
@@ -212,3 +212,70 @@ def test_hub_ids_resolve_through_the_local_cache(saelens_topk, tmp_path, monkeyp
     assert main(["import", "org/absent", "--out", str(tmp_path / "run2")]) == 2
     assert "org/absent is no local folder and could not be fetched" in capsys.readouterr().err
     assert not (tmp_path / "run2").exists()
+
+
+# --- transcoders -------------------------------------------------------------------------------------------
+ARCHITECTURES = {"relu_tc": "transcoder", "relu_skip": "skip_transcoder", "jumprelu_tc": "jumprelu_transcoder",
+                 "jumprelu_skip": "jumprelu_skip_transcoder", "batchtopk_skip": "jumprelu_skip_transcoder",
+                 "topk_tc": "transcoder", "topk_skip": "transcoder"}
+
+
+@pytest.fixture(scope="module")
+def transcoders(tmp_path_factory):
+    return make_transcoders(tmp_path_factory.mktemp("tc"))
+
+
+@pytest.mark.parametrize("fmt, name", TC_PAIRS)
+def test_transcoder_round_trip_is_bit_identical(transcoders, tmp_path, fmt, name):
+    """A transcoder → files → sparsecode: the same tensors (W_skip too), checked on held-out inputs against the
+    files' forward to the target's width."""
+    method, _, d_out, skip = TRANSCODERS[name]
+    r = export_run(transcoders[name], fmt, tmp_path / "out")
+    assert r["data"] == "held-out" and r["l0"] > 0.5 and r["reconstructions"] <= 1e-5
+    back = import_folder(tmp_path / "out", tmp_path / "back")
+    a, b = load_run(transcoders[name]), load_run(tmp_path / "back")
+    assert back["method"] == b.name == method and (b.cfg.d_out, b.cfg.skip) == (d_out, skip)
+    origin = json.loads((tmp_path / "back" / "origin.json").read_text())
+    assert origin["architecture"] == ARCHITECTURES[name]
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and ("W_skip" in wa) == skip
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    if skip:
+        assert wa["W_skip"].abs().sum() > 0  # trained away from its zero start: the check covers the path
+
+
+def test_transcoders_a_format_cannot_hold_are_refused(transcoders, tmp_path, capsys):
+    for run, to, message in [
+            ("relu_tc", "dictionary_learning", "dictionary_learning has no transcoder like relu: it holds no "
+                                               "transcoders"),
+            ("topk_tc", "saelens", "saelens has no transcoder like topk: it holds relu, jumprelu, batchtopk, "
+                                   "matryoshka transcoders"),
+            ("relu_tc", "sparsify", "sparsify has no transcoder like relu: it holds topk transcoders"),
+            ("jumprelu_tc", "sparsify", "sparsify has no transcoder like jumprelu")]:
+        assert main(["export", str(transcoders[run]), "--to", to, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".*"))
+
+
+def _edit_cfg(path, fn):
+    cfg = json.loads(path.read_text())
+    fn(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+def test_a_transcoder_file_that_contradicts_itself_is_refused(transcoders, tmp_path, capsys):
+    export_run(transcoders["relu_skip"], "saelens", tmp_path / "s")
+    _edit_cfg(tmp_path / "s" / "cfg.json", lambda c: c.update(d_out=11))
+    assert main(["import", str(tmp_path / "s"), "--out", str(tmp_path / "r")]) == 2
+    assert "W_dec has shape [64, 12], the config says [64, 11]" in capsys.readouterr().err
+    _edit_cfg(tmp_path / "s" / "cfg.json", lambda c: c.update(d_out=12, apply_b_dec_to_input=True))
+    assert main(["import", str(tmp_path / "s"), "--out", str(tmp_path / "r")]) == 2
+    assert "skip_transcoder with apply_b_dec_to_input=true" in capsys.readouterr().err
+    export_run(transcoders["topk_skip"], "sparsify", tmp_path / "p")
+    layer = next(p for p in (tmp_path / "p").iterdir() if p.is_dir())
+    _edit_cfg(layer / "cfg.json", lambda c: c.update(transcode=False))
+    assert main(["import", str(tmp_path / "p"), "--out", str(tmp_path / "r")]) == 2
+    assert "skip_connection=true with transcode=false" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

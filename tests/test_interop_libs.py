@@ -10,11 +10,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from interop_helpers import HOLDS, PAIRS, D, M, activations, make_runs
+from interop_helpers import HOLDS, PAIRS, TC_PAIRS, TRANSCODERS, D, M, activations, make_runs, make_transcoders
 
 from sparsecode.checkpoint import load_coder as load_run
 from sparsecode.cli import main
+from sparsecode.data.source import open_source
 from sparsecode.interop import export_run, import_folder
+from sparsecode.train import load_config
 
 pytestmark = pytest.mark.interop
 sae_lens = pytest.importorskip("sae_lens", reason="SAELens is installed in .venv-interop (make test-interop)")
@@ -209,3 +211,91 @@ def test_eval_of_an_imported_sae_matches_the_library(runs, tmp_path, capsys, fmt
     fvu = float(((x - x_hat).double() ** 2).sum() / ((x - x.mean(0)).double() ** 2).sum())
     assert ours["fvu"] == pytest.approx(fvu, abs=1e-4)
     assert ours["l0"] == pytest.approx(float((z != 0).sum(1).double().mean()), abs=1e-4)
+
+
+# --- (e) transcoders: their loaders read ours, we read theirs ------------------------------------------------
+@pytest.fixture(scope="module")
+def transcoders(tmp_path_factory):
+    return make_transcoders(tmp_path_factory.mktemp("tc"))
+
+
+@torch.no_grad()
+def their_transcode(fmt: str, model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(activations, output) of a library's transcoder: SAELens's forward (decode(encode(x)), + x·W_skipᵀ for
+    the skip forms); sparsify's forward (its decode plus its skip path), whose target we pass as x."""
+    if fmt == "sparsify":
+        acts, idx, _ = model.encode(x)
+        return torch.zeros(x.shape[0], model.num_latents).scatter_(1, idx, acts), model(x, x).sae_out
+    return model.encode(x), model(x)
+
+
+@torch.no_grad()
+def ours_transcode(coder, x):
+    return coder.eval().encode(x).to_dense(), coder.transcode(x)
+
+
+@pytest.mark.parametrize("fmt, name", TC_PAIRS)
+def test_library_reads_our_transcoder_export(transcoders, tmp_path, fmt, name):
+    """Their loader reads our transcoder export with the same activations and output on 1,000 held-out inputs;
+    saved again by the library, it comes back bit for bit."""
+    run = transcoders[name]
+    export_run(run, fmt, tmp_path / "out")
+    x = open_source(load_config(run).source, "eval").next_batch(1000)[:, :D]
+    model = their_load(fmt, tmp_path / "out")
+    if fmt == "saelens":
+        assert type(model).__name__.endswith("Transcoder") and model.cfg.d_out == TRANSCODERS[name][2]
+    else:
+        assert model.cfg.transcode and (model.W_skip is not None) == TRANSCODERS[name][3]
+    assert_match(ours_transcode(load_run(run), x), their_transcode(fmt, model, x))
+    their_save(fmt, model, tmp_path / "out", tmp_path / "theirs")
+    import_folder(tmp_path / "theirs", tmp_path / "back")
+    a, b = load_run(run).state_dict(), load_run(tmp_path / "back").state_dict()
+    if "threshold" in a:  # SAELens's saver drops the metadata naming a BatchTopK: a JumpReLU, its θ in every slot
+        a["theta"] = a["threshold"].expand(M)
+    for k in ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "theta"):
+        assert (k in a) == (k in b) and (k not in a or torch.equal(a[k], b[k])), k
+
+
+def saelens_transcoder(arch: str, g):
+    from sae_lens.saes.transcoder import (
+        JumpReLUSkipTranscoder,
+        JumpReLUSkipTranscoderConfig,
+        JumpReLUTranscoder,
+        JumpReLUTranscoderConfig,
+        SkipTranscoder,
+        SkipTranscoderConfig,
+        Transcoder,
+        TranscoderConfig,
+    )
+    make = {"transcoder": (Transcoder, TranscoderConfig), "skip_transcoder": (SkipTranscoder, SkipTranscoderConfig),
+            "jumprelu_transcoder": (JumpReLUTranscoder, JumpReLUTranscoderConfig),
+            "jumprelu_skip_transcoder": (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig)}
+    cls, cfg = make[arch]
+    model = cls(cfg(d_in=D, d_sae=M, d_out=12, apply_b_dec_to_input=False))
+    randomise(model, g)
+    return model
+
+
+THEIR_TRANSCODERS = [("saelens", a) for a in ("transcoder", "skip_transcoder", "jumprelu_transcoder",
+                                               "jumprelu_skip_transcoder")] + [("sparsify", "transcoder"),
+                                                                               ("sparsify", "skip_transcoder")]
+
+
+@pytest.mark.parametrize("fmt, arch", THEIR_TRANSCODERS)
+def test_we_read_transcoders_the_library_saved(tmp_path, fmt, arch):
+    g = torch.Generator().manual_seed(sum(map(ord, fmt + arch)))
+    folder = tmp_path / "theirs"
+    if fmt == "saelens":
+        model = saelens_transcoder(arch, g)
+        model.save_model(folder)
+    else:
+        cfg = sparsify.SparseCoderConfig(num_latents=M, k=4, transcode=True, skip_connection=arch.startswith("skip"))
+        model = sparsify.SparseCoder(D, cfg)
+        randomise(model, g)
+        model.save_to_disk(folder / "layers.3.mlp")
+    r = import_folder(folder, tmp_path / "run")
+    coder = load_run(tmp_path / "run")
+    assert r["method"] == ("jumprelu" if "jumprelu" in arch else "relu" if fmt == "saelens" else "topk")
+    assert coder.cfg.skip == ("skip" in arch) and coder.cfg.d_out == (12 if fmt == "saelens" else D)
+    x = ROWS * 0.3  # the random coders' scale
+    assert_match(ours_transcode(coder, x), their_transcode(fmt, their_load(fmt, folder), x))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,14 +21,14 @@ from sparsecode.data.store import Store
 from sparsecode.errors import SparsecodeError
 from sparsecode.metrics import fvu
 from sparsecode.splice import splice_store, spliced_loss, transcode_with
-from sparsecode.train import TrainConfig, Trainer, train
+from sparsecode.train import TrainConfig, Trainer, load_config, train
 
 MAP = dict(d=48, d_out=32, n_features=48, active=3.0, alpha=0.0)  # y = A·f, x = B·f, 3 features a row
 DENSE = dict(MAP, input_noise=0.1, dense=1.0)  # y = A·f + C·x, x with a dense part f does not explain
 
 
-def fit(tmp_path, name, options, coder, steps=600):
-    cfg = TrainConfig(method="topk", coder=coder, source=SourceConfig(kind="sparse_map", options=options),
+def fit(tmp_path, name, options, coder, steps=600, method="topk"):
+    cfg = TrainConfig(method=method, coder=coder, source=SourceConfig(kind="sparse_map", options=options),
                       steps=steps, batch_size=512, lr=5e-3, log_every=100, ckpt_every=10_000, device="cpu")
     trainer = Trainer(cfg, tmp_path / name, progress=False)
     trainer.start()
@@ -82,7 +83,15 @@ def test_transcoder_run_resumes_exactly(tmp_path):
     assert json.loads((tmp_path / "b" / "config.json").read_text())["coder"]["d_out"] == 32
 
 
-@pytest.mark.parametrize("method", ["mp", "vq", "refit", "jumprelu"])
+def test_jumprelu_transcoder_recovers_a_sparse_map(tmp_path):
+    coder, x, y, _ = fit(tmp_path, "jumprelu", MAP, dict(m=64), method="jumprelu")
+    with torch.no_grad():
+        assert coder.W_dec.shape == (64, 32) and coder.cfg.d_out == 32
+        assert fvu(y, coder.transcode(x)).item() < 0.2  # measured 0.044 at L0 3.2
+        assert coder.encode(x).l0().float().mean() < 8
+
+
+@pytest.mark.parametrize("method", ["mp", "vq", "refit", "itda"])
 def test_methods_that_cannot_transcode_refuse(method):
     with pytest.raises(SparsecodeError, match=f"method '{method}' cannot transcode"):
         build(method, dict(d_in=8, m=64, d_out=4))
@@ -181,3 +190,89 @@ def test_cli_refuses_bad_transcoder_input(mlp_store, gpt2_dir, tmp_path, capsys)
     assert main(["train", "--method", "mp", "--source", str(mlp_store), "--steps", "2", "--out",
                  str(tmp_path / "r2"), "--no-progress"]) == 2
     assert "method 'mp' cannot transcode" in capsys.readouterr().err
+
+
+# --- eval, report, diagnose and info of a transcoder run: the target's FVU from the code of the input --------
+@pytest.fixture(scope="module")
+def map_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("tc") / "run"
+    train(TrainConfig(method="topk", coder=dict(m=64, k=6, skip=True), steps=150, batch_size=256, lr=5e-3,
+                      source=SourceConfig(kind="sparse_map", options=dict(MAP, dense=0.5)), device="cpu"), run)
+    return run
+
+
+def test_eval_of_a_transcoder_is_the_fvu_of_its_target(map_run, capsys):
+    assert main(["eval", str(map_run), "--rows", "3000", "--batch-size", "1000"]) == 0
+    assert capsys.readouterr().out.startswith("fvu of the target")
+    result = json.loads((map_run / "eval.json").read_text())
+    held = open_source(load_config(map_run).source, "eval")  # the same held-out rows, in the same batches
+    rows = torch.cat([held.next_batch(1000) for _ in range(3)])
+    x, y = rows[:, :48], rows[:, 48:]
+    coder = load_coder(map_run).eval()
+    with torch.no_grad():
+        want = fvu(y.double(), coder.transcode(x).double()).item()
+        l0 = coder.encode(x).l0().double().mean().item()
+    assert result["fvu_of"] == "target" and result["rows"] == 3000
+    assert result["fvu"] == pytest.approx(want, rel=1e-5) and result["l0"] == pytest.approx(l0, rel=1e-9)
+    assert 0 < result["fvu"] < 0.5  # the skip path is part of the output (without it: 0.7)
+
+
+def test_report_diagnose_and_info_read_a_transcoder_run(map_run, capsys):
+    assert main(["diagnose", str(map_run), "--rows", "1024"]) == 0
+    assert main(["report", str(map_run)]) == 0
+    assert "fvu of</th><td>the target" in (map_run / "report" / "index.html").read_text()
+    assert main(["info", str(map_run)]) == 0
+    assert "transcoder with a skip path: input d_in=48, target d_out=32" in capsys.readouterr().out
+
+
+def test_transcoder_eval_refuses_data_without_a_target(map_run, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((64, 48), np.float32))
+    assert main(["eval", str(map_run), "--data", str(tmp_path / "x.npy")]) == 2
+    assert "the run is a transcoder (d_out=32) but the data gives no target" in capsys.readouterr().err
+
+
+# --- a transcoder of the MLP's input to its wider hidden layer (d_in 32 → d_out 128) on a paired store ---------
+@pytest.fixture(scope="module")
+def fc_run(loud_gpt2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fc")
+    corpus = write_corpus(root / "c")
+    for name, target in (("paired", "transformer.h.0.mlp.c_fc"), ("plain", "")):
+        harvest(HarvestConfig(out=str(root / name), model=str(loud_gpt2), hook="transformer.h.0.mlp",
+                              hook_point="input", target=target, corpus=str(corpus), tokens=1200, context=16,
+                              dtype="fp32", shard_tokens=600, batch_contexts=8, device="cpu"))
+    assert main(["train", "--method", "relu", "--source", str(root / "paired"), "-m", "64", "--steps", "40",
+                 "--batch-size", "128", "--lr", "3e-3", "--device", "cpu", "--out", str(root / "run"),
+                 "--no-progress"]) == 0
+    return root
+
+
+def test_store_transcoder_evaluates_builds_features_and_refuses_an_unpaired_store(fc_run, capsys):
+    run = fc_run / "run"
+    assert load_coder(run).cfg.d_out == 128
+    assert main(["eval", str(run), "--splice-contexts", "2"]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert result["fvu_of"] == "target" and 0 < result["fvu"] < 1 and "loss_spliced" in result["spliced"]
+    assert main(["features", str(run), "--top", "4"]) == 0  # the code of the input: the store's acts, d = 32
+    assert (run / "features.sqlite").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(fc_run / "plain")]) == 2
+    err = capsys.readouterr().err
+    assert "the run is a transcoder (d_out=128) but the data gives no target" in err and len(err.splitlines()) == 1
+
+
+def test_transcoder_exported_and_imported_evaluates_alike(fc_run, tmp_path, capsys):
+    run, store = fc_run / "run", str(fc_run / "paired")
+    assert main(["export", str(run), "--to", "saelens", "--out", str(tmp_path / "tc")]) == 0
+    cfg = json.loads((tmp_path / "tc" / "cfg.json").read_text())
+    assert cfg["architecture"] == "transcoder" and cfg["d_out"] == 128 and cfg["apply_b_dec_to_input"] is False
+    assert cfg["metadata"]["hook_name_out"] == "transformer.h.0.mlp.c_fc"  # from the paired store's manifest
+    assert main(["import", str(tmp_path / "tc"), "--out", str(tmp_path / "back")]) == 0
+    assert "imported as a relu transcoder" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "back")]) == 2  # an imported run has no held-out split: it says what to give
+    assert "evaluate it with --data PAIRED_STORE" in capsys.readouterr().err
+    figures = []
+    for r in (run, tmp_path / "back"):
+        capsys.readouterr()
+        assert main(["eval", str(r), "--data", store, "--splice-contexts", "0", "--json"]) == 0
+        figures.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert figures[0]["fvu"] == figures[1]["fvu"] and figures[0]["l0"] == figures[1]["l0"]

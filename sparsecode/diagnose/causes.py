@@ -70,6 +70,11 @@ class Evidence:
         return self.coder.cfg
 
     @property
+    def transcoder(self) -> bool:
+        """Whether the atoms live in a target space other than x's (decoder rows of a transcoder)."""
+        return bool(getattr(self.opts, "d_out", 0))
+
+    @property
     def tokens(self) -> int:
         return int(self.log[-1]["tokens"]) if self.log else 0
 
@@ -102,7 +107,8 @@ class Evidence:
         """Whether the atoms are points in data space (codebooks: every active weight equal) rather than
         directions scaled per row (sparse dictionaries, scalar quantizers)."""
         v = self.code.values[self.code.active()]
-        return self.atoms.shape[1] == self.x.shape[1] and v.numel() > 0 and bool((v == v[0]).all())
+        same_space = self.atoms.shape[1] == self.x.shape[1] and not self.transcoder
+        return same_space and v.numel() > 0 and bool((v == v[0]).all())
 
 
 def accepts(opts: Any, **changes: Any) -> bool:
@@ -227,7 +233,7 @@ def frequency_targets(ev: Evidence) -> Cause | None:
 def decoder_bias(ev: Evidence) -> Cause | None:
     """b_dec moved away from the data mean: every pre-activation carries the shared offset W_enc·(mean − b_dec)."""
     b_dec, x = getattr(ev.coder, "b_dec", None), ev.x
-    if not isinstance(b_dec, Tensor) or b_dec.shape != x.shape[1:] or not hasattr(ev.coder, "W_enc"):
+    if not isinstance(b_dec, Tensor) or b_dec.shape != x.shape[1:] or not hasattr(ev.coder, "W_enc") or ev.transcoder:
         return None
     mean = x.mean(0)
     drift = float((mean - b_dec).norm() / (x - mean).pow(2).sum(1).mean().sqrt().clamp_min(1e-12))

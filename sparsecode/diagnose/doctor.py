@@ -116,7 +116,7 @@ def collapsed_codes(ev: Evidence) -> list[Finding]:
     """Neural collapse of the codes: the used atoms span far fewer directions than they could, or many atoms
     duplicate each other."""
     x, atoms = ev.x, ev.atoms
-    if atoms.shape[1] != x.shape[1]:
+    if atoms.shape[1] != x.shape[1] or ev.transcoder:  # a transcoder's atoms are not in x's space
         return []
     centred = x - x.mean(0)
     points = atoms - x.mean(0) if ev.positions else atoms  # codebook codes: their spread around the data mean

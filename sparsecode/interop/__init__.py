@@ -106,7 +106,11 @@ def probe_rows(coder: Coder, n: int = CHECK_ROWS, seed: int = 0) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     W, b = coder.W_dec.detach().float(), coder.b_dec.detach().float()
     theta = getattr(coder, "theta", getattr(coder, "threshold", None))
+    theta = theta.detach() if theta is not None else None
     scale = float(theta.float().clamp_min(0).median()) * 3 if theta is not None else 0.0
+    if coder.cfg.d_out:  # a transcoder's inputs: along its encoder rows (pre-activation ≈ weight · ‖row‖²)
+        W = coder.W_enc.detach().float()
+        b, scale = torch.zeros(W.shape[1]), scale / float(W.norm(dim=1).pow(2).median().clamp_min(1e-12))
     scale = scale if scale > 0 else float(W.norm(dim=1).mean()) or 1.0
     picks = torch.randint(0, W.shape[0], (n, 8), generator=g)
     weights = torch.rand(n, 8, generator=g) * 2 * scale
@@ -120,7 +124,7 @@ def self_check(coder: Coder, reference: Reference, x: Tensor, values: bool = Tru
     format that rescales them) and reconstructions within TOLERANCE. Raises with the first difference."""
     coder = coder.eval()
     code = coder.encode(x)
-    z, x_hat = code.to_dense(), coder.decode(code)
+    z, x_hat = code.to_dense(), coder.predict(x, code)  # a transcoder's output: the target's width
     rz, rx = reference(x)
     differ = (z != 0) != (rz != 0)
     if differ.any():
@@ -156,6 +160,8 @@ def run_about(run: Path) -> dict[str, Any]:
             m = read_json(manifest)
             about = {"model": m.get("model"), "hook": m.get("hook"), "context": m.get("context"),
                      "corpus": m.get("corpus"), "prepend_bos": m.get("prepend_bos")}
+            if m.get("target"):  # a paired store: the transcoder's target site
+                about.update(hook_out=m["target"], hook_point=m.get("hook_point"), hook_point_out=m.get("target_point"))
     return about
 
 
@@ -192,7 +198,12 @@ def export_run(run: str | Path, to: str, out: str | Path, rows: int = 65536) -> 
     coder = checkpoint.load_coder(run)
     if coder.cfg.sites > 1:
         raise SparsecodeError(f"{run} is a crosscoder (sites={coder.cfg.sites}); {to} holds coders of one site")
-    if coder.name not in fmt.HOLDS:
+    if coder.cfg.d_out:  # a transcoder
+        holds = getattr(fmt, "TRANSCODES", ())
+        if coder.name not in holds:
+            raise SparsecodeError(f"{to} has no transcoder like {coder.name}: " + (
+                f"it holds {', '.join(holds)} transcoders" if holds else "it holds no transcoders"))
+    elif coder.name not in fmt.HOLDS:
         raise SparsecodeError(f"{to} has no equivalent of {coder.name}: it holds {', '.join(fmt.HOLDS)}")
     if hasattr(coder, "threshold") and float(coder.threshold) < 0:
         raise SparsecodeError(f"{run}: the inference threshold of {coder.name} was never estimated")
@@ -242,4 +253,5 @@ def import_folder(src: str | Path, out: str | Path, sae: str | None = None) -> d
         checkpoint.save_checkpoint(out, 0, coder, {})
         atomic_write_json(out / ORIGIN, {**foreign.origin, "source": str(src), "sae": sae, "sha256": digests,
                                          "self_check": result})
-    return {**result, "format": name, "method": foreign.method, "out": str(out), "from": str(folder)}
+    return {**result, "format": name, "method": foreign.method, "out": str(out), "from": str(folder),
+            "d_out": coder.cfg.d_out}

@@ -53,7 +53,7 @@ def write(coder: Coder, about: dict[str, Any], folder: Path) -> None:
         if center:
             b_enc = uncentred_bias(W_enc, b_enc, b_dec)
         state = {"W_enc": W_enc.T, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec,
-                 "threshold": coder.theta}
+                 "threshold": coder.theta.detach()}
     else:
         if not center:
             raise SparsecodeError(f"dictionary_learning's {CLASS[method]} encodes x − b_dec; this SAE reads x "

@@ -111,9 +111,10 @@ def flag(cfg: dict[str, Any], key: str, default: bool, where: Path) -> bool:
 
 # --- the SAE algebra the three libraries share, on a file's own tensors --------------------------------
 def sae_reference(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, center: bool,
-                  k: int | None = None, threshold: Tensor | None = None) -> Reference:
+                  k: int | None = None, threshold: Tensor | None = None, W_skip: Tensor | None = None) -> Reference:
     """z = rule(relu((x − b_dec?) · W_enc + b_enc)), x̂ = z · W_dec + b_dec, with W_enc [d, m] and W_dec [m, d]:
-    every latent (ReLU), the k largest of each row (TopK), or those above `threshold` (JumpReLU, BatchTopK)."""
+    every latent (ReLU), the k largest of each row (TopK), or those above `threshold` (JumpReLU, BatchTopK).
+    A transcoder: W_dec [m, d_out], b_dec [d_out], center off, and a skip path x · W_skipᵀ (W_skip [d_out, d])."""
 
     def forward(x: Tensor) -> tuple[Tensor, Tensor]:
         pre = ((x - b_dec) if center else x) @ W_enc + b_enc
@@ -123,7 +124,8 @@ def sae_reference(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, ce
             z = torch.zeros_like(z).scatter_(1, top.indices, top.values)
         if threshold is not None:
             z = z * (pre > threshold)
-        return z, z @ W_dec + b_dec
+        out = z @ W_dec + b_dec
+        return z, out if W_skip is None else out + x @ W_skip.T
 
     return forward
 

@@ -5,6 +5,10 @@ topk → "topk"; relu → "standard"; jumprelu → "jumprelu" (threshold = exp(l
 "jumprelu" with their one inference threshold in every slot, as SAELens saves its own BatchTopK; mp →
 "matching_pursuit" run for k rounds with no early stop. The method and options go into `metadata`
 (sparsecode_method, sparsecode_options), which SAELens keeps, so a BatchTopK comes back as one.
+
+Transcoders (d_out > 0; W_dec [d_sae, d_out], b_dec [d_out], the encoder reads x: apply_b_dec_to_input=false):
+relu → "transcoder"; jumprelu, batchtopk and matryoshka → "jumprelu_transcoder" (as above); with a skip path
+the "skip_" forms, which add x · W_skipᵀ (W_skip [d_out, d_in]). SAELens has no TopK transcoder.
 """
 
 from __future__ import annotations
@@ -26,6 +30,18 @@ CFG, WEIGHTS, SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safete
 ARCH = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
         "matryoshka": "jumprelu", "mp": "matching_pursuit"}
 HOLDS = tuple(ARCH)
+TRANSCODER = {"relu": "transcoder", "jumprelu": "jumprelu_transcoder", "batchtopk": "jumprelu_transcoder",
+              "matryoshka": "jumprelu_transcoder"}
+TRANSCODES = tuple(TRANSCODER)
+TRANSCODER_ARCHS = {"transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"}
+
+
+def architecture(coder: Coder) -> str:
+    """The SAELens architecture of a coder: its ARCH entry, or for a transcoder its (skip) TRANSCODER one."""
+    c, method = coder.cfg, coder.name
+    if not c.d_out:
+        return ARCH[method]
+    return TRANSCODER[method].replace("transcoder", "skip_transcoder") if c.skip else TRANSCODER[method]
 
 
 def found(folder: Path) -> bool:
@@ -39,17 +55,23 @@ def write(coder: Coder, about: dict[str, Any], folder: Path) -> None:
     if method != "mp":
         t.update(W_enc=coder.W_enc.T, b_enc=coder.b_enc)
     if method == "jumprelu":
-        t["threshold"] = coder.theta
+        t["threshold"] = coder.theta.detach()
     elif method in ("batchtopk", "matryoshka"):
         t["threshold"] = torch.full((c.m,), float(coder.threshold))
+    if c.skip:
+        t["W_skip"] = coder.W_skip
     cfg: dict[str, Any] = {
-        "architecture": ARCH[method], "d_in": c.d_in, "d_sae": c.m, "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": bool(getattr(c, "center_input", True)), "normalize_activations": "none",
+        "architecture": architecture(coder), "d_in": c.d_in, "d_sae": c.m, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": bool(getattr(c, "center_input", True)) and not c.d_out, "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {"model_name": about.get("model"), "hook_name": about.get("hook"),
                      "context_size": about.get("context"), "dataset_path": about.get("corpus"),
                      "prepend_bos": about.get("prepend_bos"), "sparsecode_method": method,
                      "sparsecode_options": coder.config_dict()}}
+    if c.d_out:  # the target's hook from a paired store's manifest, where SAELens's hooked models look for it
+        cfg["d_out"] = c.d_out
+        cfg["metadata"].update(hook_name_out=about.get("hook_out"), sparsecode_hook_point=about.get("hook_point"),
+                               sparsecode_hook_point_out=about.get("hook_point_out"))
     if method == "topk":
         cfg.update(k=c.k, rescale_acts_by_decoder_norm=False)
     if method == "mp":
@@ -64,7 +86,7 @@ def read(folder: Path) -> Foreign:
     cfg = read_config(folder / CFG)
     where = folder / CFG
     arch = cfg.get("architecture", "standard")
-    known = sorted(set(ARCH.values()))
+    known = sorted(set(ARCH.values()) | TRANSCODER_ARCHS)
     if arch not in known:
         raise SparsecodeError(f"{where}: architecture {arch!r} has no sparsecode method (sparsecode reads "
                               f"{', '.join(known)})")
@@ -73,12 +95,16 @@ def read(folder: Path) -> Foreign:
             raise SparsecodeError(f"{where}: {key}={cfg[key]!r} is not supported (only 'none')")
     d, m = size(cfg, "d_in", where), size(cfg, "d_sae", where)
     center = flag(cfg, "apply_b_dec_to_input", True, where)
+    transcoder = arch in TRANSCODER_ARCHS
+    if transcoder and center:
+        raise SparsecodeError(f"{where}: a {arch} with apply_b_dec_to_input=true (SAELens refuses it too)")
+    d_out = size(cfg, "d_out", where) if transcoder else d
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     tensors = read_tensors(folder / WEIGHTS)
     wpath = folder / WEIGHTS
-    W_dec, b_dec = need(tensors, "W_dec", (m, d), wpath), need(tensors, "b_dec", (d,), wpath)
+    W_dec, b_dec = need(tensors, "W_dec", (m, d_out), wpath), need(tensors, "b_dec", (d_out,), wpath)
     origin = {"format": NAME, "architecture": arch, "path": str(folder), "model": meta.get("model_name"),
-              "hook": meta.get("hook_name")}
+              "hook": meta.get("hook_name"), **({"hook_out": meta.get("hook_name_out")} if transcoder else {})}
     if arch == "matching_pursuit":
         steps = cfg.get("max_iterations") or d
         if cfg.get("residual_threshold", 1e-2) not in (0, 0.0, None) or cfg.get("stop_on_duplicate_support", True):
@@ -93,8 +119,13 @@ def read(folder: Path) -> Foreign:
     W_enc, b_enc = need(tensors, "W_enc", (d, m), wpath), need(tensors, "b_enc", (m,), wpath)
     state = {"W_enc": W_enc.T.contiguous(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     options: dict[str, Any] = {"d_in": d, "m": m, "center_input": center}
-    if arch == "standard":
-        return Foreign("relu", options, state, sae_reference(W_enc, b_enc, W_dec, b_dec, center), origin)
+    skip = need(tensors, "W_skip", (d_out, d), wpath) if "skip" in arch else None
+    if transcoder:  # the encoder reads x whatever center_input says: the option is left at its default
+        options = {"d_in": d, "m": m, "d_out": d_out, "skip": skip is not None}
+        state.update({"W_skip": skip} if skip is not None else {})
+    if arch in ("standard", "transcoder", "skip_transcoder"):
+        return Foreign("relu", options, state, sae_reference(W_enc, b_enc, W_dec, b_dec, center, W_skip=skip),
+                       origin)
     if arch == "topk":
         if cfg.get("rescale_acts_by_decoder_norm", False):
             raise SparsecodeError(f"{where}: rescale_acts_by_decoder_norm=true is not supported")
@@ -102,7 +133,7 @@ def read(folder: Path) -> Foreign:
         return Foreign("topk", {**options, "k": k}, state,
                        sae_reference(W_enc, b_enc, W_dec, b_dec, center, k=k), origin)
     theta = need(tensors, "threshold", (m,), wpath)
-    reference = sae_reference(W_enc, b_enc, W_dec, b_dec, center, threshold=theta)
+    reference = sae_reference(W_enc, b_enc, W_dec, b_dec, center, threshold=theta, W_skip=skip)
     kept = meta.get("sparsecode_method")
     if kept in ("batchtopk", "matryoshka") and bool((theta == theta[0]).all()) and float(theta[0]) >= 0:
         opts = dict(meta.get("sparsecode_options") or {})

@@ -1,6 +1,7 @@
 """EleutherAI sparsify's on-disk sparse coder: `<out>/<hookpoint>/cfg.json` + `sae.safetensors` (encoder.weight
-[m, d], encoder.bias [m], W_dec [m, d], b_dec [d]). It holds TopK SAEs only (x − b_dec encoded, ReLU, top k);
-its transcoders, skip connections and groupmax activation have no sparsecode method yet and are refused."""
+[m, d], encoder.bias [m], W_dec [m, d], b_dec [d]). It holds TopK SAEs only (x − b_dec encoded, ReLU, top k),
+and TopK transcoders of the input's width (`transcode`: x itself encoded; `skip_connection`: plus x · W_skipᵀ,
+W_skip [d, d]); an autoencoder with a skip path and the groupmax activation have no sparsecode method."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .foreign import Foreign, flag, need, read_config, read_tensors, sae_referen
 NAME = "sparsify"
 CFG, WEIGHTS = "cfg.json", "sae.safetensors"
 HOLDS = ("topk",)
+TRANSCODES = ("topk",)  # of d_out = d_in only: sparsify's decoder writes the input's width
 
 
 def found(folder: Path) -> bool:
@@ -30,17 +32,19 @@ def hookpoint(about: dict[str, Any]) -> str:
 
 def write(coder: Coder, about: dict[str, Any], folder: Path) -> None:
     c = coder.cfg
-    if not getattr(c, "center_input", True):
+    if c.d_out and c.d_out != c.d_in:
+        raise SparsecodeError(f"sparsify's transcoders decode to their input's width (d_in={c.d_in}); this one "
+                              f"has d_out={c.d_out}")
+    if not c.d_out and not getattr(c, "center_input", True):
         raise SparsecodeError("sparsify encodes x − b_dec; this SAE reads x uncentred (center_input=false)")
     out = folder / hookpoint(about)
     out.mkdir()
-    save_file({"encoder.weight": coder.W_enc.detach().float().contiguous(),
-               "encoder.bias": coder.b_enc.detach().float().contiguous(),
-               "W_dec": coder.W_dec.detach().float().contiguous(),
-               "b_dec": coder.b_dec.detach().float().contiguous()}, out / WEIGHTS)
+    t = {"encoder.weight": coder.W_enc, "encoder.bias": coder.b_enc, "W_dec": coder.W_dec, "b_dec": coder.b_dec,
+         **({"W_skip": coder.W_skip} if c.skip else {})}
+    save_file({k: v.detach().float().contiguous() for k, v in t.items()}, out / WEIGHTS)
     atomic_write_json(out / CFG, {"activation": "topk", "expansion_factor": max(1, c.m // c.d_in),
                                   "normalize_decoder": True, "num_latents": c.m, "k": c.k, "multi_topk": False,
-                                  "skip_connection": False, "transcode": False, "d_in": c.d_in})
+                                  "skip_connection": c.skip, "transcode": bool(c.d_out), "d_in": c.d_in})
 
 
 def read(folder: Path) -> Foreign:
@@ -48,9 +52,10 @@ def read(folder: Path) -> Foreign:
     cfg = read_config(where)
     if cfg.get("activation", "topk") != "topk":
         raise SparsecodeError(f"{where}: activation {cfg['activation']!r} has no sparsecode method (only topk)")
-    for key in ("transcode", "skip_connection"):
-        if flag(cfg, key, False, where):
-            raise SparsecodeError(f"{where}: {key}=true (a transcoder or skip path) is not supported yet")
+    transcode, skip = flag(cfg, "transcode", False, where), flag(cfg, "skip_connection", False, where)
+    if skip and not transcode:
+        raise SparsecodeError(f"{where}: skip_connection=true with transcode=false (an autoencoder with a skip "
+                              f"path) has no sparsecode method")
     d, k = size(cfg, "d_in", where), size(cfg, "k", where)
     m = cfg.get("num_latents") or d * size(cfg, "expansion_factor", where)
     if not isinstance(m, int) or m <= 0:
@@ -61,6 +66,12 @@ def read(folder: Path) -> Foreign:
     if k > m:
         raise SparsecodeError(f"{where}: k={k} exceeds num_latents={m}")
     state = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-    return Foreign("topk", {"d_in": d, "m": m, "k": k}, state,
-                   sae_reference(W_enc.T, b_enc, W_dec, b_dec, True, k=k),
-                   {"format": NAME, "architecture": "topk", "path": str(folder), "hook": folder.name})
+    options: dict[str, Any] = {"d_in": d, "m": m, "k": k}
+    W_skip = need(tensors, "W_skip", (d, d), wpath) if skip else None
+    if transcode:  # x itself encoded, decoded to the same width
+        options.update(d_out=d, skip=skip)
+        state.update({"W_skip": W_skip} if skip else {})
+    return Foreign("topk", options, state, sae_reference(W_enc.T, b_enc, W_dec, b_dec, not transcode, k=k,
+                                                         W_skip=W_skip),
+                   {"format": NAME, "architecture": "transcoder" if transcode else "topk", "path": str(folder),
+                    "hook": folder.name})

@@ -120,9 +120,6 @@ class SAE(Dictionary):
         """A decoded output plus a transcoder's skip path x · W_skipᵀ (unchanged without one)."""
         return out + x @ self.W_skip.t() if self.cfg.skip else out
 
-    def transcode(self, x: Tensor) -> Tensor:
-        return self.predict(x, self.encode(x))
-
     def check_target(self, x: Tensor, target: Tensor | None) -> Tensor:
         """What the output is scored against: `target` [B, d_out] for a transcoder (required), else x."""
         from ..errors import SparsecodeError

@@ -6,7 +6,8 @@ and SAELens): with the rectangle kernel K(u) = 1{|u| < ½} and bandwidth ε,
 and neither passes a gradient to `pre` through the step (pre gets the plain gradient where z = pre).
 θ is trained directly and kept ≥ 0 (`theta_param="direct"`, SAELens's fix: Adam moves a parameter ~lr a step, so
 the paper's log θ barely leaves its start in a short run); `"log"` trains log θ as the paper does.
-Loss = FVU + λ · mean_b L0_b.
+Loss = FVU + λ · mean_b L0_b. With `d_out` it is a (skip) transcoder (SAE's layout; SAELens's
+jumprelu_(skip_)transcoder): the FVU is the target's.
 
 The encoder is dense. A training step keeps z as [B, m] (its code has all m slots, x̂ is one matmul), so it
 never reads a width back from the device; the reconstruction's gradient reaches the latents that fire (z ≠ 0),
@@ -81,6 +82,7 @@ class JumpReLUSAE(SAE):
 
     config_class = JumpReLUConfig
     crosscodes = True  # sites > 1: a crosscoder; its L0 penalty reads no decoder norm, whole atoms stay unit-norm
+    transcodes = True  # d_out > 0: a (skip) transcoder, its FVU the target's (SAELens's jumprelu_transcoder)
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
@@ -99,13 +101,14 @@ class JumpReLUSAE(SAE):
         self.check_input(x)
         return threshold(self.pre_acts(x), self.theta, self.cfg.m)
 
-    def forward(self, x: Tensor) -> Output:
+    def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
         self.check_input(x)
+        y = self.check_target(x, target)
         pre, theta = self.pre_acts(x), self.trained_theta()
         z = _JumpReLU.apply(pre, theta, self.cfg.bandwidth)
         z = z * (z != 0)  # gradient only where a latent fires, as through the packed code of `encode`
         l0 = _Step.apply(pre, theta, self.cfg.bandwidth).sum(1).mean()
-        return self.dense_output(x, z, l0=self.cfg.l0_coef * l0)  # full-width code, one-matmul decode
+        return self.dense_output(x, z, y, l0=self.cfg.l0_coef * l0)  # full-width code, one-matmul decode
 
     @torch.no_grad()
     def after_step(self) -> None:
