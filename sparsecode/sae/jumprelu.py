@@ -77,6 +77,7 @@ class JumpReLUSAE(SAE):
     """Per-latent learned thresholds θ; a latent is active where its pre-activation exceeds θ."""
 
     config_class = JumpReLUConfig
+    data_parallel = True
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
