@@ -63,6 +63,7 @@ def requested_config(a: argparse.Namespace, base=None):
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from .distributed import launch_rank
     from .files import check_folder
     from .train import CONFIG, differing_fields, load_config, train
 
@@ -79,9 +80,10 @@ def cmd_train(a: argparse.Namespace) -> int:
                                   f"drop them to resume, or train into a new --out")
     else:  # a new run, or one whose writer died before saving its config: start it from the flags
         cfg = requested_config(a)
-    train(cfg, out, resume=a.resume, progress=not a.no_progress)
-    print(format_metrics(last_metrics(out)))
-    print(f"run written to {out}")
+    train(cfg, out, resume=a.resume, progress=not a.no_progress, reshard=a.reshard)
+    if launch_rank() == 0:  # under torchrun: once, by the rank that wrote the run
+        print(format_metrics(last_metrics(out)))
+        print(f"run written to {out}")
     return 0
 
 
@@ -281,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deterministic kernels: bit-exact resume on CUDA too (slower); CPU runs always are")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--reshard", action="store_true",
+                   help="resume a run saved by another number of torchrun ranks (`torchrun --nproc-per-node N -m "
+                        "sparsecode train ...` trains on N ranks)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_train)
 

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .code import Code
 from .config import check, from_dict, positive
 from .errors import SparsecodeError
@@ -95,6 +96,9 @@ class Coder(nn.Module):
     config_class: ClassVar[type[CoderConfig]] = CoderConfig
     transcodes: ClassVar[bool] = False  # whether d_out > 0 (decode to a target other than the input) is supported
     crosscodes: ClassVar[bool] = False  # whether sites > 1 (one code of several sites, a decoder per site) is supported
+    # whether every batch statistic it keeps is reduced over the ranks (`distributed`), so that N ranks with B/N
+    # rows each train it as one process with B rows: torchrun runs of more than one rank need it
+    data_parallel: ClassVar[bool] = False
 
     def __init__(self, cfg: CoderConfig):
         super().__init__()
@@ -190,9 +194,10 @@ class Coder(nn.Module):
     def track(self, code: Code) -> None:
         """Update the tokens-since-fired counter with one batch's code (training only), on the device."""
         fresh = self._idle_key() == self._idle_seen and self._idle_bound is not None
-        self.since_fired += code.indices.shape[0]
-        self.since_fired.masked_fill_(code.counts() > 0, 0)
-        self._idle_bound = self._idle_bound + code.indices.shape[0] if fresh else None
+        rows = distributed.rows(code.indices.shape[0])  # a split batch: every rank's rows and fires
+        self.since_fired += rows
+        self.since_fired.masked_fill_(distributed.total(code.counts()) > 0, 0)
+        self._idle_bound = self._idle_bound + rows if fresh else None
         self._idle_seen = self._idle_key()
 
     @property

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from .errors import SparsecodeError
@@ -14,3 +18,18 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SparsecodeError(f"device {name!r} asked for, but no CUDA GPU is available")
     return torch.device(name)
+
+
+@contextmanager
+def deterministic_kernels(on: bool) -> Iterator[None]:
+    """Deterministic algorithms (and cuBLAS workspace) while training, restored afterwards."""
+    if not on:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable matmuls
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)

@@ -187,6 +187,8 @@ def only_lock_left(folder: Path) -> bool:
 
 
 def failpoint(name: str) -> None:
-    """Kill this process with SIGKILL at `name` when SPARSECODE_FAILPOINT says so (kill -9 tests)."""
-    if os.environ.get("SPARSECODE_FAILPOINT") == name:
+    """Kill this process with SIGKILL at `name` when SPARSECODE_FAILPOINT says so (kill -9 tests); under torchrun
+    only rank SPARSECODE_FAILPOINT_RANK, if set."""
+    only = os.environ.get("SPARSECODE_FAILPOINT_RANK")
+    if os.environ.get("SPARSECODE_FAILPOINT") == name and only in (None, os.environ.get("RANK", "0")):
         os.kill(os.getpid(), signal.SIGKILL)

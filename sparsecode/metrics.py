@@ -9,12 +9,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import distributed
 from .code import Code
 
 
 def total_variance(x: Tensor) -> Tensor:
-    """‖x − mean(x)‖² over the batch (never zero, so it can divide)."""
-    return (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    """‖x − mean(x)‖² over the batch (never zero, so it can divide).
+
+    In a step whose batch is split over N ranks (`distributed.sharded`): the whole batch's, divided by N and
+    without gradient, so each rank's ratio (FVU, and every loss on its scale) averages over the ranks to the
+    whole batch's, as the averaged gradients do."""
+    n = distributed.shards()
+    if n == 1:
+        return (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    x = x.detach()
+    mean = distributed.total(x.sum(0)) / distributed.rows(x.shape[0])
+    return distributed.total((x - mean).pow(2).sum()).clamp_min(1e-12) / n
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -116,6 +126,16 @@ class CodeStats:
         for key, value in parts.items():
             self.sums[key] = value if key not in self.sums else self.sums[key] + value
         self.rows += x.shape[0]
+
+    def merged(self) -> CodeStats:
+        """The same figures over every rank's rows (itself in one process): a collective on several ranks."""
+        if distributed.world() == 1:
+            return self
+        out = CodeStats(self.m)
+        with distributed.sharded():
+            out.sums = {k: distributed.total(v.clone()) for k, v in self.sums.items()}
+            out.rows = distributed.rows(self.rows)
+        return out
 
     @property
     def counts(self) -> Tensor:

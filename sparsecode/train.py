@@ -1,7 +1,7 @@
 """The one training loop for every method: Adam with warm-up and decay, clipping, logs, exact resume.
 
 Nothing here is global: all state lives in the `Trainer` (and its checkpoint), so several can run in one
-process and a distributed launcher can wrap it later.
+process; under torchrun each rank runs one on its share of every batch (`distributed`).
 """
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,11 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ck
-from .coder import Coder, auto_dead_tokens, build, get_method
+from . import distributed
+from .coder import Coder, auto_dead_tokens, build, get_method, methods
 from .config import check, derive_seed, from_dict, non_negative, positive, to_dict
-from .data.source import ActivationSource, SourceConfig, open_source
-from .device import pick_device
+from .data.source import ActivationSource, SourceConfig, open_source, source_sites
+from .device import deterministic_kernels, pick_device
 from .errors import SparsecodeError
 from .files import failpoint, read_jsonl, sweep_temps, writing
 from .metrics import CodeStats
@@ -98,12 +98,20 @@ class Trainer:
     """Trains one method on one activation source into one run folder."""
 
     def __init__(self, cfg: TrainConfig, run: Path, source: ActivationSource | None = None,
-                 progress: bool = True):
+                 progress: bool = True, reshard: bool = False):
         cfg = copy.deepcopy(cfg)  # the run's own copy: the caller's config is never changed
         cfg.validate()
         positive(cfg, "steps")
-        self.cfg, self.run, self.progress = cfg, Path(run), progress
-        self.device = pick_device(cfg.device)
+        # under torchrun: each of `world` ranks trains on its share of every batch; rank 0 writes the run
+        self.rank, self.world, self.reshard = distributed.rank(), distributed.world(), reshard
+        if self.world > 1:
+            check(get_method(cfg.method).data_parallel,
+                  f"method {cfg.method!r} cannot train on several ranks yet (its batch statistics are not reduced); "
+                  f"data-parallel methods: {', '.join(n for n, c in methods().items() if c.data_parallel)}")
+            check(cfg.batch_size % self.world == 0,
+                  f"batch_size={cfg.batch_size} must be a multiple of the number of ranks ({self.world})")
+        self.cfg, self.run, self.progress = cfg, Path(run), progress and self.rank == 0
+        self.device = distributed.local_device(pick_device(cfg.device))
         if source is None and cfg.source is None:
             raise SparsecodeError("no activation source: set TrainConfig.source or pass a source")
         if cfg.source is None:
@@ -154,6 +162,7 @@ class Trainer:
             **({"device_generator": self.device_generator.get_state()}
                if self.device_generator is not self.generator else {}),
             "source": self.source.state_dict(),
+            "world_size": self.world,  # every rank holds this same state; a resume checks the number of ranks
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -165,17 +174,21 @@ class Trainer:
             self.device_generator.set_state(state["device_generator"])
         self.source.load_state_dict(state["source"])
 
-    def save(self, state: dict[str, Any] | None = None) -> Path:
+    def save(self, state: dict[str, Any] | None = None) -> None:
+        """Rank 0 writes the checkpoint; every rank waits for it (a rank that failed stops the others here)."""
         state = self.state_dict() if state is None else state
-        return ck.save_checkpoint(self.run, self.step, self.coder, state, self.cfg.keep_checkpoints)
+        if self.rank == 0:
+            ck.save_checkpoint(self.run, self.step, self.coder, state, self.cfg.keep_checkpoints)
+        distributed.barrier()
 
     def start(self, resume: bool = False) -> None:
         """Reopen the run to resume from its last checkpoint, or start it afresh, then initialise from data.
 
         A folder whose writer died before the first checkpoint holds nothing to resume: it starts afresh.
         """
-        run = self.run
+        run, writer = self.run, self.rank == 0  # every rank reads the run; rank 0 alone writes it
         ckpt = ck.latest_checkpoint(run) if run.is_dir() else None
+        distributed.barrier()  # every rank has read the folder before rank 0 changes it
         if ckpt is not None:
             if not resume:
                 raise SparsecodeError(f"run {run} already exists; resume it (--resume) or pick a new --out")
@@ -186,28 +199,36 @@ class Trainer:
             if differ:
                 raise SparsecodeError(f"run {run} was started with another config ({', '.join(differ)} differ); "
                                       f"cannot resume it")
-            sweep_temps(run / "checkpoints")
-            sweep_temps(run)
-            if saved.steps != self.cfg.steps:  # extending (or shortening) the run survives a later kill
-                ck.atomic_write_json(run / CONFIG, to_dict(self.cfg))
             self.step, state = ck.load_state(ckpt)  # verifies every file's sha256 first
+            ranks = int(state.get("world_size", 1))
+            if ranks != self.world and not self.reshard:
+                raise SparsecodeError(f"run {run} was trained on {ranks} rank(s), not {self.world}; resume it with "
+                                      f"{ranks} (torchrun --nproc-per-node {ranks}), or pass --reshard to go on with "
+                                      f"{self.world} (the same run up to rounding)")
+            if writer:
+                sweep_temps(run / "checkpoints")
+                sweep_temps(run)
+                if saved.steps != self.cfg.steps:  # extending (or shortening) the run survives a later kill
+                    ck.atomic_write_json(run / CONFIG, to_dict(self.cfg))
+                self._truncate_log()
             ck.load_weights(self.coder, ckpt)
             self.load_state_dict(state)
-            self._truncate_log()
             return
         check_run_folder(run)
-        run.mkdir(parents=True, exist_ok=True)
-        sweep_temps(run)
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # no LATEST: nothing in it is complete
-        (run / "metrics.jsonl").unlink(missing_ok=True)
-        ck.atomic_write_json(run / CONFIG, to_dict(self.cfg))
-        failpoint("config-written")
-        if self.cfg.init_rows:
+        if writer:
+            run.mkdir(parents=True, exist_ok=True)
+            sweep_temps(run)
+            shutil.rmtree(run / "checkpoints", ignore_errors=True)  # no LATEST: nothing in it is complete
+            (run / "metrics.jsonl").unlink(missing_ok=True)
+            ck.atomic_write_json(run / CONFIG, to_dict(self.cfg))
+            failpoint("config-written")
+        if self.cfg.init_rows:  # every rank reads the same rows and starts alike
             x, y = self._pair(self._batch(self.cfg.init_rows))
             if y is None:
                 self.coder.init_from_data(x)
             else:
                 self.coder.init_from_data(x, target=y)
+        distributed.broadcast_module(self.coder)  # rank 0's start, bit for bit, whatever a device's rounding did
 
     def _truncate_log(self) -> None:
         """Drop log lines written after the checkpoint we resume from (and a line torn by a kill)."""
@@ -216,10 +237,17 @@ class Trainer:
             keep = [rec for rec in read_jsonl(log) if rec["step"] <= self.step]
             ck.atomic_write(log, "".join(json.dumps(rec) + "\n" for rec in keep).encode())
 
-    def _batch(self, n: int) -> torch.Tensor:
-        x = self.source.next_batch(n)
+    def _batch(self, n: int, shard: bool = False) -> torch.Tensor:
+        """The next n rows of the source; `shard` (a training step on several ranks): this rank's n / world."""
+        if shard and self.world > 1:
+            lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
+            x = self.source.next_shard(n, self.rank, self.world) if hasattr(self.source, "next_shard") \
+                else self.source.next_batch(n)[lo:hi]
+            n = hi - lo
+        else:
+            x = self.source.next_batch(n)
         width = self.coder.cfg.d_in + self.coder.cfg.d_out  # a transcoder's rows: input, then target
-        if x.ndim != 2 or x.shape[1] != width:
+        if x.ndim != 2 or x.shape != (n, width):
             raise SparsecodeError(f"the source gave a batch of shape {tuple(x.shape)}, "
                                   f"expected [{n}, {width}]")
         if not torch.isfinite(x).all():
@@ -236,12 +264,13 @@ class Trainer:
         """One step (forward, backward, gradient hooks, clipping, optimizer); it never waits for the GPU
         except where a method's table row says so (README: What each method guarantees). `target`: a
         transcoder's, which its loss scores the output against."""
-        with self.autocast:
+        with self.autocast, distributed.sharded():  # on several ranks: x is this rank's share of the batch
             out = self.coder(x) if target is None else self.coder(x, target=target)
             loss = sum(out.losses.values())
         if self.opt is not None and loss.requires_grad:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_grads([p for group in self.opt.param_groups for p in group["params"]])
             self.coder.after_backward()
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], self.cfg.grad_clip)
@@ -262,9 +291,9 @@ class Trainer:
         stats, extra, t0, tokens0 = CodeStats(coder.cfg.m), {}, time.perf_counter(), self.step
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, mininterval=0.5)
-        with open(self.run / "metrics.jsonl", "a") as log:
+        with open(self.run / "metrics.jsonl", "a") if self.rank == 0 else nullcontext() as log:
             while self.step < cfg.steps:
-                x, y = self._pair(self._batch(cfg.batch_size))
+                x, y = self._pair(self._batch(cfg.batch_size, shard=True))
                 out, loss = self.train_step(x, y)
                 self.step += 1
                 stats.update(x if y is None else y, out.x_hat, out.code)
@@ -274,13 +303,15 @@ class Trainer:
                     extra[key] = extra.get(key, 0.0) + value
                 log_now, save_now = self.step % cfg.log_every == 0, self.step % cfg.ckpt_every == 0
                 if log_now or save_now or self.step == cfg.steps:
-                    self._check_finite(extra["loss"], since=tokens0 + 1)
+                    sums = distributed.mean_over_ranks(extra)  # every rank checks (and raises) alike
+                    self._check_finite(sums["loss"], since=tokens0 + 1)
                 if log_now or self.step == cfg.steps:
                     n = self.step - tokens0
-                    rec = self._record(stats, {k: float(v) / n for k, v in extra.items()},
+                    rec = self._record(stats.merged(), {k: float(v) / n for k, v in sums.items()},
                                        n * cfg.batch_size / (time.perf_counter() - t0))
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
+                    if log is not None:
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
                     bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead']:.1%}",
                                     tok_s=f"{rec['tokens_per_s']:.3g}")
                     stats, extra, t0, tokens0 = CodeStats(coder.cfg.m), {}, time.perf_counter(), self.step
@@ -290,6 +321,7 @@ class Trainer:
                         self.calibrate()
                     self.save(state)
                 bar.update(1)
+                failpoint(f"step:{self.step}")
                 if on_step is not None:
                     on_step(self.step)
         bar.close()
@@ -321,45 +353,21 @@ class Trainer:
         }
 
 
-@contextmanager
-def deterministic_kernels(on: bool) -> Iterator[None]:
-    """Deterministic algorithms (and cuBLAS workspace) while training, restored afterwards."""
-    if not on:
-        yield
-        return
-    before = torch.are_deterministic_algorithms_enabled()
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable matmuls
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
-
-
 def train(cfg: TrainConfig, run: Path, source: ActivationSource | None = None, resume: bool = False,
-          progress: bool = False, on_step: Callable[[int], None] | None = None) -> Coder:
+          progress: bool = False, on_step: Callable[[int], None] | None = None, reshard: bool = False) -> Coder:
     """Train `cfg` into folder `run` (resuming it if asked) and return the trained method.
 
     The run folder is locked for this writer; one this call created is removed again if training stops
-    before its first checkpoint."""
-    trainer = Trainer(cfg, run, source, progress)  # the config and the source are checked before any write
-    check_run_folder(Path(run))  # a folder of other files gets no lock file either
-    with writing(run, "run", keep=lambda: (Path(run) / "checkpoints" / "LATEST").is_file()):
-        trainer.start(resume)
-        return trainer.fit(on_step)
-
-
-def source_sites(source: ActivationSource, want: int | None) -> int | None:
-    """A crosscoder's `sites` from a source of several (`site_widths`, e.g. a store harvested with several hooks):
-    their number, checked against `want` (None: not set). sites=1 codes their concatenation as one site."""
-    widths = tuple(getattr(source, "site_widths", ()) or ())
-    if len(widths) < 2 or want == 1:
-        return None
-    check(len(set(widths)) == 1, f"a crosscoder needs sites of one width, but the source's sites are "
-                                 f"{', '.join(map(str, widths))} wide (no projection to one width); set sites=1 to "
-                                 f"code their concatenation as one site")
-    check(want in (None, len(widths)), f"the source has {len(widths)} sites but the run expects sites={want}")
-    return len(widths)
+    before its first checkpoint. Under torchrun every rank trains on its share of each batch (`distributed`)
+    and rank 0 alone locks and writes the run; `reshard`: resume a run saved by another number of ranks."""
+    with distributed.launched(cfg.device):
+        trainer = Trainer(cfg, run, source, progress, reshard)  # the config and the source are checked first
+        check_run_folder(Path(run))  # a folder of other files gets no lock file either
+        lock = writing(run, "run", keep=lambda: (Path(run) / "checkpoints" / "LATEST").is_file()) \
+            if trainer.rank == 0 else nullcontext()
+        with lock:
+            trainer.start(resume)
+            return trainer.fit(on_step)
 
 
 def check_run_folder(run: Path) -> None:

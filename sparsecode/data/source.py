@@ -34,6 +34,9 @@ class ActivationSource(Protocol):
         """Position in the stream, enough to resume it exactly."""
         ...
 
+    # optional: `next_shard(n, rank, world)`, rows [rank·n/world, (rank+1)·n/world) of the next n (reading only
+    # those); a source without it gives a rank its share of `next_batch(n)`
+
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
@@ -152,6 +155,14 @@ class TensorSource:
         return rows[back.argsort()]
 
     def next_batch(self, n: int) -> Tensor:
+        return self._rows(self._advance(n)).float()
+
+    def next_shard(self, n: int, rank: int, world: int) -> Tensor:
+        """Rows [rank·n/world, (rank+1)·n/world) of the next n (the stream advances by n): one rank's share of a
+        global batch, the only rows it reads."""
+        return self._rows(self._advance(n)[rank * n // world : (rank + 1) * n // world]).float()
+
+    def _advance(self, n: int) -> Tensor:
         parts, need = [], n
         while need:
             take = self._order[self.pos : self.pos + need]
@@ -161,8 +172,7 @@ class TensorSource:
             if self.pos == len(self.rows):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._perm(self.epoch)
-        x = self._rows(torch.cat(parts)).float()
-        return x
+        return torch.cat(parts)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -195,3 +205,16 @@ def open_npy(cfg: SourceConfig, split: str) -> TensorSource:
     check(np.issubdtype(data.dtype, np.floating), f"{path}: expected a float array, got dtype {data.dtype}")
     check(data.ndim == 2, f"{path}: expected a 2-D [rows, d] array, got shape {data.shape}")
     return TensorSource(data, cfg.seed, split_rows(data.shape[0], cfg.heldout, split))
+
+
+def source_sites(source: ActivationSource, want: int | None) -> int | None:
+    """A crosscoder's `sites` from a source of several (`site_widths`, e.g. a store harvested with several hooks):
+    their number, checked against `want` (None: not set). sites=1 codes their concatenation as one site."""
+    widths = tuple(getattr(source, "site_widths", ()) or ())
+    if len(widths) < 2 or want == 1:
+        return None
+    check(len(set(widths)) == 1, f"a crosscoder needs sites of one width, but the source's sites are "
+                                 f"{', '.join(map(str, widths))} wide (no projection to one width); set sites=1 to "
+                                 f"code their concatenation as one site")
+    check(want in (None, len(widths)), f"the source has {len(widths)} sites but the run expects sites={want}")
+    return len(widths)

@@ -357,6 +357,12 @@ class StoreSource:
         x = self.store.gather(idx)
         return torch.cat([x, self.store.gather(idx, "target")], 1) if self.d_out else x
 
+    def next_shard(self, n: int, rank: int, world: int) -> Tensor:
+        """Rows [rank·n/world, (rank+1)·n/world) of the next n (the stream advances by n), the only ones read."""
+        idx = self.next_indices(n)[rank * n // world : (rank + 1) * n // world]
+        x = self.store.gather(idx)
+        return torch.cat([x, self.store.gather(idx, "target")], 1) if self.d_out else x
+
     def labelled_batch(self, n: int, classes: int = 32) -> tuple[Tensor, Tensor]:
         """Up to n rows of the split labelled by their next token, kept where that token is among the
         split's `classes` most frequent next tokens (neural collapse with next tokens as classes)."""

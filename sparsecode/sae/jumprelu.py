@@ -83,6 +83,7 @@ class JumpReLUSAE(SAE):
     config_class = JumpReLUConfig
     crosscodes = True  # sites > 1: a crosscoder; its L0 penalty reads no decoder norm, whole atoms stay unit-norm
     transcodes = True  # d_out > 0: a (skip) transcoder, its FVU the target's (SAELens's jumprelu_transcoder)
+    data_parallel = True  # every batch statistic it keeps is reduced over the ranks
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)

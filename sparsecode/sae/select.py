@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..code import Code
 from .base import dense_to_code
 
@@ -36,6 +37,11 @@ def batchtopk(pre: Tensor, k: int, m: int) -> Code:
     """BatchTopK (Bussmann et al. 2024): the k·B largest ReLU pre-activations of the whole batch of B rows
     (a row may keep more or fewer than k). Packing them reads the busiest row's count (`dense_to_code`)."""
     flat = pre.relu().flatten()
+    if distributed.shards() > 1:  # a split batch: the k·B largest of every rank's, above one shared cut
+        n = k * distributed.rows(pre.shape[0])
+        top = distributed.everyone(flat.detach().topk(min(n, flat.numel()), sorted=False).values)[0]
+        cut = top.topk(min(n, top.numel()), sorted=False).values.min()
+        return dense_to_code(pre.relu() * (pre >= cut), m)
     keep = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False).indices
     mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, keep, True).view_as(pre)
     return dense_to_code(pre.relu() * mask, m)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..code import Code
 from ..coder import Output, register
 from ..config import check, non_negative
@@ -58,6 +59,7 @@ class TopKSAE(AuxKSAE):
     """The configured rule on the pre-activations; x̂ sums the chosen decoder rows; FVU (per prefix) + AuxK."""
 
     config_class = TopKConfig
+    data_parallel = True
     transcodes = True  # d_out > 0: a (skip) transcoder, scored on the target the trainer passes
     crosscodes = True  # sites > 1: a crosscoder; the whole atom (all sites) stays unit-norm
 
@@ -98,9 +100,9 @@ class TopKSAE(AuxKSAE):
         """EMA of the smallest kept value, on the device (an empty batch leaves it as it is); inference uses
         it until `calibrate` replaces it."""
         active = code.active()
-        low = torch.where(active, code.values.detach(), float("inf")).min()
+        low = distributed.smallest(torch.where(active, code.values.detach(), float("inf")).min())  # of all ranks
         d, ema = self.cfg.threshold_decay, self.threshold_ema
-        ema.copy_(torch.where(active.any(), torch.where(ema < 0, low, d * ema + (1 - d) * low), ema))
+        ema.copy_(torch.where(low.isfinite(), torch.where(ema < 0, low, d * ema + (1 - d) * low), ema))
         self.threshold.copy_(ema)
 
     def calibration_rows(self) -> int:

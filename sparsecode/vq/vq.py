@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..code import Code, decode
 from ..coder import Coder, Output, register
 from ..config import check, positive
@@ -53,6 +54,7 @@ class VQ(Coder):
     """Nearest-code quantizer with EMA updates, k-means init and dead-code restarts."""
 
     config_class = VQConfig
+    data_parallel = True
 
     def __init__(self, cfg: VQConfig):
         super().__init__(cfg)
@@ -103,8 +105,9 @@ class VQ(Coder):
         d = self.cfg.decay
         hits = torch.zeros(self.cfg.m, dtype=x.dtype, device=x.device).index_add_(
             0, idx, torch.ones(idx.shape, dtype=x.dtype, device=x.device))  # bincount, at a fixed size
-        self.ema_count.mul_(d).add_(hits, alpha=1 - d)
-        self.ema_sum.mul_(d).index_add_(0, idx, x, alpha=1 - d)
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, idx, x.to(self.ema_sum.dtype))
+        self.ema_count.mul_(d).add_(distributed.total(hits), alpha=1 - d)  # a split batch: every rank's rows
+        self.ema_sum.mul_(d).add_(distributed.total(sums), alpha=1 - d)
         n = self.ema_count.sum()
         size = (self.ema_count + self.cfg.eps) / (n + self.cfg.m * self.cfg.eps) * n
         self.codebook.copy_(self.ema_sum / size[:, None])
@@ -116,10 +119,11 @@ class VQ(Coder):
     def restart(self, x: Tensor, idx: Tensor, q: Tensor) -> Tensor:
         """Move the longest-unused dead codes (at most one per batch row; `due_codes`) to distinct rows' places
         (`restart_to`; `idx` and `q` are the rows' codes and quantized values); how many moved (a device scalar)."""
-        picked = due_codes(self, x.shape[0])
+        picked = due_codes(self, distributed.rows(x.shape[0]))
         if picked is None:
             return torch.zeros((), dtype=torch.long, device=x.device)
         cand, dead = picked
+        x, idx, q = distributed.everyone(x, idx, q)  # a split batch: every rank restarts alike from all rows
         n = cand.shape[0]
         if self.cfg.restart_to == "split":  # the busy code keeps half its EMA mass, the new one gets the rest
             rows, new = split_targets(self, x, q, n)
