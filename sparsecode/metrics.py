@@ -131,7 +131,7 @@ class CodeStats:
         """The same figures over every rank's rows (itself in one process): a collective on several ranks."""
         if distributed.world() == 1:
             return self
-        out = CodeStats(self.m)
+        out = CodeStats(self.m, self.sites)
         with distributed.sharded():
             out.sums = {k: distributed.total(v.clone()) for k, v in self.sums.items()}
             out.rows = distributed.rows(self.rows)
