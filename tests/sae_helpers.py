@@ -51,3 +51,15 @@ def assert_same_encode(a: Coder, b: Coder, x: torch.Tensor) -> None:
     """Two coders give bit-identical codes on `x`."""
     ca, cb = a.encode(x), b.encode(x)
     assert torch.equal(ca.indices, cb.indices) and torch.equal(ca.values, cb.values)
+
+
+def assert_resumes_exactly(cfg: TrainConfig, root: Path, stop: int) -> Coder:
+    """Train `cfg` straight into root/a, and into root/b stopped at step `stop` then resumed: identical states."""
+    import dataclasses
+
+    straight = train(cfg, root / "a")
+    train(dataclasses.replace(cfg, steps=stop), root / "b")
+    resumed = train(cfg, root / "b", resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    return resumed

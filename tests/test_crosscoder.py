@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from data_helpers import gpt2_dir, write_corpus  # noqa: F401
+from sae_helpers import assert_resumes_exactly
 from transformers import AutoModelForCausalLM
 
 from sparsecode.checkpoint import load_coder
@@ -221,13 +222,7 @@ def test_crosscoder_run_resumes_exactly(tmp_path, method, capsys):
     coder = dict(m=32, k=4) if method == "batchtopk" else dict(m=32)
     cfg = TrainConfig(method=method, coder=coder, source=SourceConfig(kind="sites", options=dict(SITES, sites=3)),
                       steps=12, batch_size=64, log_every=4, ckpt_every=6, device="cpu")
-    straight = train(cfg, tmp_path / "a")
-    cfg.steps = 6
-    train(cfg, tmp_path / "b")
-    cfg.steps = 12
-    resumed = train(cfg, tmp_path / "b", resume=True)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    resumed = assert_resumes_exactly(cfg, tmp_path, stop=6)
     assert json.loads((tmp_path / "b" / "config.json").read_text())["coder"]["sites"] == 3
     assert resumed.site_norms().shape == (32, 3)
     assert main(["export", str(tmp_path / "a"), "--to", "saelens", "--out", str(tmp_path / "x")]) == 2

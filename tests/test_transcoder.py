@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from data_helpers import gpt2_dir, write_corpus  # noqa: F401
+from sae_helpers import assert_resumes_exactly
 from transformers import AutoModelForCausalLM
 
 from sparsecode.checkpoint import load_coder
@@ -73,13 +74,7 @@ def test_transcoder_run_resumes_exactly(tmp_path):
     src = SourceConfig(kind="sparse_map", options=dict(MAP, dense=0.5))
     cfg = TrainConfig(method="batchtopk", coder=dict(m=32, k=4, skip=True), source=src, steps=12, batch_size=64,
                       log_every=4, ckpt_every=6, device="cpu")
-    straight = train(cfg, tmp_path / "a")
-    cfg.steps = 6
-    train(cfg, tmp_path / "b")
-    cfg.steps = 12
-    resumed = train(cfg, tmp_path / "b", resume=True)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_resumes_exactly(cfg, tmp_path, stop=6)
     assert json.loads((tmp_path / "b" / "config.json").read_text())["coder"]["d_out"] == 32
 
 
