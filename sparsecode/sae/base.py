@@ -112,6 +112,24 @@ class SAE(Dictionary):
         if cfg.skip:
             self.W_skip = nn.Parameter(torch.zeros(cfg.d_out, cfg.d_in))
 
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, target: Tensor | None = None) -> None:
+        """b_dec as Dictionary's. A transcoder with k (its encoder drawn apart from its decoder) also gets b_enc so
+        each latent's pre-activation is positive on a k/m share of the init rows, and each atom the mean target of
+        the rows its latent codes: without them a quarter of a MiniLM MLP transcoder's latents never fired."""
+        super().init_from_data(x, target)
+        k = getattr(self.cfg, "k", 0)
+        if not self.cfg.d_out or not k or x.shape[0] * k < self.cfg.m:
+            return
+        pre = self.centred(x) @ self.W_enc.t()
+        rank = max(1, round(x.shape[0] * (1 - k / self.cfg.m)))  # the (1 − k/m) quantile of each latent
+        self.b_enc.copy_(-pre.kthvalue(rank, dim=0).values)
+        if target is not None:  # each atom: the mean target (less b_dec) of the rows its latent codes, weighted
+            z = self.encode(x).to_dense().clamp_min(0)
+            atoms = z.t() @ (target - self.b_dec)
+            norms = atoms.norm(dim=1, keepdim=True)
+            self.W_dec.copy_(torch.where(norms > 0, atoms / norms.clamp_min(1e-12), self.W_dec))
+
     def predict(self, x: Tensor, code: Code) -> Tensor:
         """The output for inputs x with their code: decode(code), plus the skip path if any."""
         return self.with_skip(x, self.decode(code))
