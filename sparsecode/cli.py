@@ -80,10 +80,17 @@ def cmd_train(a: argparse.Namespace) -> int:
                                   f"drop them to resume, or train into a new --out")
     else:  # a new run, or one whose writer died before saving its config: start it from the flags
         cfg = requested_config(a)
-    train(cfg, out, resume=a.resume, progress=not a.no_progress, reshard=a.reshard)
-    if launch_rank() == 0:  # under torchrun: once, by the rank that wrote the run
-        print(format_metrics(last_metrics(out)))
-        print(f"run written to {out}")
+    if a.hook:  # one coder per hook, from one forward pass per batch: a run folder per hook
+        from .multihook import train_hooks
+
+        runs = [out / h for h in train_hooks(cfg, a.hook, out, a.resume, not a.no_progress, a.reshard,
+                                             a.hooks_by_rank)]
+    else:
+        train(cfg, out, resume=a.resume, progress=not a.no_progress, reshard=a.reshard)
+        runs = [out]
+    for run in runs if launch_rank() == 0 else []:  # under torchrun: once, by the rank that wrote the runs
+        print(format_metrics(last_metrics(run)))
+        print(f"run written to {run}")
     return 0
 
 
@@ -281,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
     t.add_argument("--deterministic", action="store_const", const=True,
                    help="deterministic kernels: bit-exact resume on CUDA too (slower); CPU runs always are")
+    t.add_argument("--hook", action="append", help="with --source model: a module (or a pattern, 'transformer.h.*')"
+                                                   " to train a coder of, each in OUT/HOOK, all from one forward pass")
+    t.add_argument("--hooks-by-rank", action="store_true", help="with several --hook under torchrun: rank r trains "
+                   "hooks r, r+N, ... and the ranks share the forward passes (default: each rank every hook)")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--reshard", action="store_true",

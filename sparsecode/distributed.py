@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from .errors import SparsecodeError
 
 TIMEOUT_ENV = "SPARSECODE_DIST_TIMEOUT"  # seconds a collective waits for the other ranks (default 300)
 _SHARDS: ContextVar[int] = ContextVar("sparsecode_shards", default=1)
+_ALONE: ContextVar[bool] = ContextVar("sparsecode_alone", default=False)
 
 
 def launch_rank() -> int:
@@ -33,11 +35,22 @@ def launch_rank() -> int:
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if dist.is_initialized() and not _ALONE.get() else 0
 
 
 def world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size() if dist.is_initialized() and not _ALONE.get() else 1
+
+
+@contextmanager
+def alone(on: bool = True) -> Iterator[None]:
+    """While inside (with `on`), this rank acts as one process (rank 0 of 1): a trainer of coders no other rank
+    trains; `alone(False)` goes back to the whole group inside it (the collectives the ranks still share)."""
+    token = _ALONE.set(on)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
 
 
 def timeout() -> float:
@@ -70,7 +83,7 @@ def launched(device_name: str) -> Iterator[None]:
 
     A collective that fails (a rank died: its sockets closed) or waits past the timeout raises one SparsecodeError
     (`_collective`); so does SIGTERM, torchrun stopping the survivors of a failed rank (the handler stays: the
-    process is ending)."""
+    process is ending). A rank ending with an error ignores SIGTERM from then on, so its one line is printed whole."""
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield
         return
@@ -86,7 +99,8 @@ def launched(device_name: str) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        failed = True
+        failed = True  # this rank is ending with its own error: torchrun's SIGTERM must not interrupt its report
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise
     finally:
         if not (failed and device.type == "cuda"):  # nccl's teardown may wait for a dead rank: the exit frees it
@@ -119,6 +133,16 @@ def mean_over_ranks(values: dict[str, Tensor | float]) -> dict[str, Tensor | flo
     with _collective():
         dist.all_reduce(flat)
     return dict(zip(values, (flat / world()).unbind(), strict=True))
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order ([obj] in one process)."""
+    if world() == 1:
+        return [obj]
+    out: list[Any] = [None] * world()
+    with _collective():
+        dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

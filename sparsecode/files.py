@@ -180,10 +180,12 @@ def writing(folder: Path, what: str, keep: Callable[[], bool] = lambda: True) ->
         lock.release()
 
 
-def only_lock_left(folder: Path) -> bool:
-    """True when a folder holds nothing but its lock file and temp files (a writer died before writing)."""
+def only_lock_left(folder: Path, also: set[str] | frozenset[str] = frozenset()) -> bool:
+    """True when a folder holds nothing but its lock file and temp files (a writer died before writing), and the
+    entries named in `also`."""
     folder = Path(folder)
-    return folder.is_dir() and all(p.name == LOCK or p.name.endswith(".tmp") for p in folder.iterdir())
+    return folder.is_dir() and all(p.name == LOCK or p.name.endswith(".tmp") or p.name in also
+                                   for p in folder.iterdir())
 
 
 def failpoint(name: str) -> None:

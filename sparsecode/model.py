@@ -4,6 +4,7 @@ module path, and capture that module's output (or input) in a forward pass."""
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import hashlib
 import os
 from pathlib import Path
@@ -87,6 +88,25 @@ def find_module(model: nn.Module, path: str) -> nn.Module:
         return modules[path]
     near = difflib.get_close_matches(path, modules, n=3, cutoff=0.5) or list(modules)[:3]
     raise SparsecodeError(f"the model has no module {path!r}; closest: {', '.join(near)}")
+
+
+def match_modules(model: nn.Module, patterns: list[str]) -> list[str]:
+    """The module paths that `patterns` name, in the model's order: a path, or a pattern whose `*`, `?` and `[...]`
+    match within one part of the path ('transformer.h.*': every block, not their submodules)."""
+    names = [name for name, _ in model.named_modules() if name]
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if not any(c in pattern for c in "*?["):
+            find_module(model, pattern)  # an unknown path names the closest ones
+            chosen.add(pattern)
+            continue
+        parts = pattern.split(".")
+        hits = {n for n in names if len(n.split(".")) == len(parts)
+                and all(fnmatch.fnmatchcase(a, b) for a, b in zip(n.split("."), parts, strict=True))}
+        check(bool(hits), f"--hook {pattern!r} matches no module of the model (modules look like "
+                          f"{', '.join(names[:3])}, ...)")
+        chosen |= hits
+    return [n for n in names if n in chosen]
 
 
 class _Stop(Exception):

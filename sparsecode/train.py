@@ -11,7 +11,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,9 +283,13 @@ class Trainer:
     def fit(self, on_step: Callable[[int], None] | None = None) -> Coder:
         """Train until cfg.steps, logging and checkpointing; `on_step(step)` runs after each step."""
         with deterministic_kernels(self.cfg.deterministic):
-            return self._fit(on_step)
+            for step in self.steps():
+                if on_step is not None:
+                    on_step(step)
+        return self.coder
 
-    def _fit(self, on_step: Callable[[int], None] | None) -> Coder:
+    def steps(self) -> Iterator[int]:
+        """Train until cfg.steps, yielding after each step its number (so several trainers can take turns)."""
         cfg, coder = self.cfg, self.coder
         coder.train()
         stats, extra, t0, tokens0 = CodeStats(coder.cfg.m), {}, time.perf_counter(), self.step
@@ -322,11 +326,9 @@ class Trainer:
                     self.save(state)
                 bar.update(1)
                 failpoint(f"step:{self.step}")
-                if on_step is not None:
-                    on_step(self.step)
+                yield self.step
         bar.close()
         coder.eval()
-        return coder
 
     def calibrate(self) -> None:
         """After the last step: hand the method the training rows its `calibrate` hook asks for (none by default).

@@ -14,20 +14,22 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import distributed
 from ..config import check, positive
 from ..device import pick_device
 from ..errors import SparsecodeError
-from ..files import writing
+from ..files import atomic_write_json, writing
 from ..model import Hooked, _Stop, find_module, load_model
 from .contexts import Layout, ModelSpec, batches, pack, run_contexts
 from .corpus import Corpus, open_corpus
-from .store import DTYPES, FORMATS, StoreWriter, check_store_folder, has_shards
+from .store import DTYPES, FORMATS, MANIFEST, VERSION, StoreWriter, check_store_folder, has_shards, part_name
 
 
 @dataclass
@@ -65,40 +67,84 @@ def harvest(cfg: HarvestConfig, progress: bool = False,
             on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Harvest (or finish harvesting) `cfg` into cfg.out; returns the store's manifest.
 
-    `on_shard(n)` runs after each shard is written (n = shards so far in this call).
+    `on_shard(n)` runs after each shard is written (n = shards so far in this call). Under torchrun the context
+    batches are dealt out to the ranks (`_harvest_split`).
     """
     cfg = replace(cfg, hook=cfg.hooks[0]) if cfg.hooks else cfg  # a crosscoder's store: `hook` names its first site
     cfg.validate()
-    corpus = open_corpus(cfg.corpus, cfg.text_field)
-    model, tokenizer, revision = load_model(cfg.model, cfg.revision, pick_device(cfg.device), cfg.tokenizer)
-    sites = [(cfg.hook, cfg.hook_point), (cfg.target, cfg.target_point)] if cfg.target else \
-        [(h, cfg.hook_point) for h in cfg.hooks]
-    hooked = Paired(model, sites) if sites else Hooked(model, cfg.hook, cfg.hook_point)
-    layout = Layout.of(tokenizer, cfg.context, cfg.prepend_bos)
-    # a store without a target or several hooks keeps the old header
-    unpaired = (() if cfg.target else ("target", "target_point")) + (() if cfg.hooks else ("hooks",))
-    header = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "tokens", *unpaired)}
-    header.update(model_revision=revision, corpus_fingerprint=corpus.fingerprint(), tokens_requested=cfg.tokens)
-    out = Path(cfg.out)
-    check_store_folder(out)  # a folder of other files gets no lock file either
-    with writing(out, "store", keep=lambda: has_shards(out)):  # everything above was checked before this
-        return _harvest_into(StoreWriter(out, header, cfg.shard_tokens), cfg, corpus, tokenizer, hooked, layout,
-                             progress, on_shard)
+    with distributed.launched(cfg.device):
+        corpus = open_corpus(cfg.corpus, cfg.text_field)
+        device = distributed.local_device(pick_device(cfg.device))
+        model, tokenizer, revision = load_model(cfg.model, cfg.revision, device, cfg.tokenizer)
+        sites = [(cfg.hook, cfg.hook_point), (cfg.target, cfg.target_point)] if cfg.target else \
+            [(h, cfg.hook_point) for h in cfg.hooks]
+        hooked = Paired(model, sites) if sites else Hooked(model, cfg.hook, cfg.hook_point)
+        layout = Layout.of(tokenizer, cfg.context, cfg.prepend_bos)
+        # a store without a target or several hooks keeps the old header
+        unpaired = (() if cfg.target else ("target", "target_point")) + (() if cfg.hooks else ("hooks",))
+        header = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "tokens", *unpaired)}
+        header.update(model_revision=revision, corpus_fingerprint=corpus.fingerprint(), tokens_requested=cfg.tokens)
+        out, run = Path(cfg.out), (cfg, corpus, tokenizer, hooked, layout, progress, on_shard)
+        check_store_folder(out, distributed.world())  # a folder of other files gets no lock file either
+        if distributed.world() > 1:
+            return _harvest_split(out, header, *run)
+        with writing(out, "store", keep=lambda: has_shards(out)):  # everything above was checked before this
+            return _harvest_into(StoreWriter(out, header, cfg.shard_tokens), *run)
+
+
+def _harvest_split(out: Path, header: dict[str, Any], cfg: HarvestConfig, *run: Any) -> dict[str, Any]:
+    """One rank of a harvest under torchrun: rank r of N runs the context batches i ≡ r (mod N) into its own
+    store in OUT/rank-r-of-N (resumable like any store), then rank 0 writes OUT's manifest listing every rank's
+    shards, rank by rank. A killed split harvest resumes with the same number of ranks (other numbers are refused)."""
+    rank, ranks = distributed.rank(), distributed.world()
+    if (out / MANIFEST).is_file():  # complete (the same settings, checked), or a one-process harvest's
+        done = StoreWriter(out, header, cfg.shard_tokens)
+        check(done.complete, f"{out} holds an unfinished one-process harvest; finish it without torchrun")
+        distributed.barrier()
+        return done.manifest
+    part = out / part_name(rank, ranks)
+    with writing(out, "store", keep=lambda: any(has_shards(p) for p in out.glob("rank-*"))) if rank == 0 \
+            else nullcontext():
+        distributed.barrier()  # rank 0 holds the store's lock before any rank writes in it
+        with writing(part, "store part", keep=lambda: has_shards(part)):
+            mine = _harvest_into(StoreWriter(part, {**header, "part": [rank, ranks]}, cfg.shard_tokens), cfg, *run)
+        parts = distributed.gather_objects(mine)
+        shards = [{"name": f"{part_name(r, ranks)}/{s['name']}", "rows": s["rows"],
+                   "sha256": {f"{part_name(r, ranks)}/{f}": h for f, h in s["sha256"].items()}}
+                  for r, m in enumerate(parts) for s in m["shards"]]
+        check(bool(shards), f"the harvest into {out} produced no tokens")
+        widths = next(m for m in parts if m["shards"])
+        manifest = {"version": VERSION, **header, "d": widths["d"], "complete": True,
+                    "tokens": sum(s["rows"] for s in shards), "shards": shards, "resume": None, "ranks": ranks,
+                    **{k: widths[k] for k in ("d_out", "sites") if k in widths}}
+        if rank == 0:
+            atomic_write_json(out / MANIFEST, manifest)
+        distributed.barrier()  # no rank returns before the store is complete
+        return manifest
 
 
 def _harvest_into(writer: StoreWriter, cfg: HarvestConfig, corpus: Corpus, tokenizer: Any, hooked: Hooked,
                   layout: Layout, progress: bool, on_shard: Callable[[int], None] | None) -> dict[str, Any]:
+    """Harvest into `writer`; under torchrun (a rank's part) only the context batches i ≡ rank (mod ranks)."""
     from tqdm import tqdm
 
     if writer.complete:
         return writer.manifest
+    rank, ranks = distributed.rank(), distributed.world()
     resume = writer.manifest["resume"] or {"cursor": [0, 0], "row": 0}
-    row, skip = resume["row"], writer.rows - resume["row"]
-    bar = tqdm(total=cfg.tokens, initial=writer.rows, unit="tok", unit_scale=True, dynamic_ncols=True,
-               disable=not progress, desc="harvest")
+    # row: the store's rows before the current batch; local: this rank's (a part holds only its batches)
+    row, local, first = resume["row"], resume.get("local", resume["row"]), resume.get("group", 0)
+    skip = writer.rows - local
+    bar = tqdm(total=cfg.tokens, initial=row, unit="tok", unit_scale=True, dynamic_ncols=True,
+               disable=not progress or rank > 0, desc="harvest")
     shards = 0
     contexts = pack(corpus, tokenizer, layout, tuple(resume["cursor"]))
-    for group in batches(contexts, cfg.batch_contexts, cfg.tokens - row):
+    for i, group in enumerate(batches(contexts, cfg.batch_contexts, cfg.tokens - row), first):
+        n = min(sum(c.kept for c in group), cfg.tokens - row)  # the batch's rows, the last batch cut to the total
+        if i % ranks != rank:  # another rank's batch
+            row += n
+            bar.update(n)
+            continue
         rows = run_contexts(hooked, group)
         if cfg.target:  # [rows, d_in + d_out]: the input's columns, then the target's
             rows["target"] = rows["acts"][:, hooked.widths[0]:]
@@ -106,17 +152,17 @@ def _harvest_into(writer: StoreWriter, cfg: HarvestConfig, corpus: Corpus, token
         elif cfg.hooks:  # [rows, Σ widths]: each site's columns in turn, listed in the manifest
             writer.manifest["sites"] = [{"module": h, "point": cfg.hook_point, "width": w}
                                         for h, w in zip(cfg.hooks, hooked.widths, strict=True)]
-        n = min(len(rows["acts"]), cfg.tokens - row)
         new = {k: v[skip:n] for k, v in rows.items()}
-        written = writer.add(new, {"cursor": list(group[0].cursor), "row": row})
-        row, skip = row + n, 0
-        bar.update(len(new["acts"]))
+        split = {"group": i, "local": local} if ranks > 1 else {}
+        written = writer.add(new, {"cursor": list(group[0].cursor), "row": row, **split})
+        row, local, skip = row + n, local + n, 0
+        bar.update(n)
         for _ in range(written):
             shards += 1
             if on_shard is not None:
                 on_shard(shards)
     bar.close()
-    return writer.finish()
+    return writer.finish(empty=ranks > 1)
 
 
 class Paired:
@@ -211,6 +257,7 @@ def cmd_harvest(a: argparse.Namespace) -> int:
     short = "" if m["tokens"] >= cfg.tokens else f" (the corpus ran out before {cfg.tokens})"
     pair = f" → {cfg.target} ({cfg.target_point}, d_out={m['d_out']})" if cfg.target else ""
     hook = " + ".join(cfg.hooks) if cfg.hooks else cfg.hook
-    print(f"stored {m['tokens']} tokens{short} of {cfg.model} {hook} ({cfg.hook_point}, d={m['d']}{pair}, "
-          f"{m['dtype']}) in {len(m['shards'])} shards: {cfg.out}")
+    if distributed.launch_rank() == 0:  # under torchrun: once
+        print(f"stored {m['tokens']} tokens{short} of {cfg.model} {hook} ({cfg.hook_point}, d={m['d']}{pair}, "
+              f"{m['dtype']}) in {len(m['shards'])} shards: {cfg.out}")
     return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from ..files import (
 from .source import SourceConfig, register_source, split_rows
 
 MANIFEST, VERSION = "manifest.json", "sparsecode-store/1"
+_PART = re.compile(r"rank-(\d+)-of-(\d+)")  # a rank's subfolder in a store harvested by several (`part_name`)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FORMATS = ("safetensors", "npy")
 _ST_DTYPES = {"F16": np.float16, "BF16": np.int16, "F32": np.float32, "I32": np.int32, "I64": np.int64}
@@ -106,13 +108,13 @@ class StoreWriter:
             written += 1
         return written
 
-    def finish(self) -> dict[str, Any]:
-        """Write the last (short) shard and mark the store complete."""
+    def finish(self, empty: bool = False) -> dict[str, Any]:
+        """Write the last (short) shard and mark the store complete (`empty`: also with no rows, a rank's part)."""
         if self.pending:
             merged = {k: torch.cat([p[k] for p in self.pending]) for k in self.pending[0]}
             self.pending = []
             self._write_shard(merged, None)
-        check(self.rows > 0, f"the harvest into {self.path} produced no tokens")
+        check(empty or self.rows > 0, f"the harvest into {self.path} produced no tokens")
         self.manifest.update(complete=True, resume=None)
         atomic_write_json(self.path / MANIFEST, self.manifest)
         return self.manifest
@@ -150,11 +152,25 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def check_store_folder(path: Path) -> None:
-    """Refuse an existing folder that is neither a (partial) store nor left empty by a killed harvest."""
+def part_name(rank: int, ranks: int) -> str:
+    """The subfolder where rank `rank` of a harvest split over `ranks` writes its shards."""
+    return f"rank-{rank}-of-{ranks}"
+
+
+def check_store_folder(path: Path, ranks: int = 1) -> None:
+    """Refuse an existing folder that is neither a (partial) store nor left empty by a killed harvest, or that holds
+    the parts of a harvest split over another number of ranks than `ranks`."""
     path = Path(path)
-    if path.exists() and not (path / MANIFEST).is_file() and not only_lock_left(path):
+    if not path.exists() or (path / MANIFEST).is_file():
+        return
+    parts = {p.name for p in path.iterdir() if _PART.fullmatch(p.name) and p.is_dir()}
+    if not only_lock_left(path, also=parts):
         raise SparsecodeError(f"{path} exists and is not a store (no {MANIFEST}); pick a new --out")
+    split = {int(_PART.fullmatch(name).group(2)) for name in parts}
+    if split and split != {ranks}:
+        k = max(split)
+        raise SparsecodeError(f"{path} holds an unfinished harvest split over {k} ranks; run it again with "
+                              f"`torchrun --nproc-per-node {k} -m sparsecode harvest ...` to finish it")
 
 
 def has_shards(path: Path) -> bool:
@@ -198,7 +214,9 @@ class Store:
         if not self.path.is_dir():
             raise SparsecodeError(f"activation store not found: {self.path}")
         if not (self.path / MANIFEST).is_file():
-            raise SparsecodeError(f"{self.path} is not an activation store: {MANIFEST} is missing")
+            split = any(_PART.fullmatch(p.name) for p in self.path.iterdir())
+            raise SparsecodeError(f"{self.path} is not an activation store: {MANIFEST} is missing" + (
+                " (a harvest split over several ranks that has not finished; run it again to finish it)" * split))
         self.manifest = m = read_json(self.path / MANIFEST)
         check_manifest(self.path, m)
         if not m.get("complete"):

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..config import check, derive_seed, from_dict, positive
 from ..device import pick_device
-from ..model import Hooked, load_model
+from ..model import Hooked, load_model, match_modules
 from .contexts import Context, Layout, ModelSpec, pack, run_contexts
 from .corpus import open_corpus
 from .source import SourceConfig, register_source
@@ -43,16 +44,28 @@ class StreamConfig(ModelSpec):
 class ModelStream:
     """An endless, resumable stream of a model's activations over a corpus."""
 
-    def __init__(self, cfg: StreamConfig, seed: int = 0, split: str = "train", heldout: float = 0.05):
+    def __init__(self, cfg: StreamConfig, seed: int = 0, split: str = "train", heldout: float = 0.05,
+                 hooks: list[str] | None = None, spread: bool = False):
+        """`hooks`: module paths or patterns ('transformer.h.*', `match_modules`) captured in the same forward pass
+        instead of cfg.hook, their rows side by side ([n, Σ widths], the hooks in model order; each one's
+        width in `widths`). Each hook's columns are the rows a stream of that hook alone gives. `spread`: under
+        torchrun the ranks share each window's forward passes (`_run`); every rank gets every row."""
+        from .harvest import Paired
+
         self.cfg, self.seed = cfg, seed
+        self.spread = (distributed.rank(), distributed.world()) if spread and distributed.world() > 1 else None
         self.corpus = open_corpus(cfg.corpus, cfg.text_field)
-        self.model, self.tokenizer, _ = load_model(cfg.model, cfg.revision, pick_device(cfg.device), cfg.tokenizer)
-        self.hooked = Hooked(self.model, cfg.hook, cfg.hook_point)
+        device = distributed.local_device(pick_device(cfg.device))
+        self.model, self.tokenizer, _ = load_model(cfg.model, cfg.revision, device, cfg.tokenizer)
+        self.hooks = match_modules(self.model, hooks) if hooks else [cfg.hook]
+        self.hooked = Paired(self.model, [(h, cfg.hook_point) for h in self.hooks]) if hooks else \
+            Hooked(self.model, cfg.hook, cfg.hook_point)
         self.layout = Layout.of(self.tokenizer, cfg.context, cfg.prepend_bos)
         share = int(round(heldout * 10000))
         self.keep_doc = lambda i: (zlib.crc32(str(i).encode()) % 10000 < share) == (split == "eval")
         probe = torch.tensor([self.layout.prefix + [self.layout.pad] + self.layout.suffix])
         self.d = int(self.hooked(probe, torch.ones_like(probe)).shape[-1])
+        self.widths = list(self.hooked.widths) if hooks else [self.d]
         self.window_contexts = max(1, -(-cfg.buffer_rows // self.layout.content))
         self.epoch, self.window, self.cursor, self.pos = 0, 0, (0, 0), 0
         self._rows: Tensor | None = None  # the current window, shuffled
@@ -69,9 +82,20 @@ class ModelStream:
             return self._fill()
         self.cursor = group[0].cursor
         step = self.cfg.batch_contexts
-        rows = torch.cat([run_contexts(self.hooked, group[i : i + step])["acts"] for i in range(0, len(group), step)])
+        rows = torch.cat(self._run([group[i : i + step] for i in range(0, len(group), step)]))
         g = torch.Generator().manual_seed(derive_seed(self.seed, f"stream/epoch{self.epoch}/window{self.window}"))
         self._rows = rows[torch.randperm(len(rows), generator=g)]
+
+    def _run(self, groups: list[list[Context]]) -> list[Tensor]:
+        """The activations of each group of contexts; with `spread`, rank r runs the groups i ≡ r (mod N) and the
+        ranks exchange them (every rank, in the same order, however many groups it ran)."""
+        if not self.spread:
+            return [run_contexts(self.hooked, g)["acts"] for g in groups]
+        rank, ranks = self.spread
+        mine = {i: run_contexts(self.hooked, g)["acts"] for i, g in enumerate(groups) if i % ranks == rank}
+        with distributed.alone(False):
+            every = {i: acts for part in distributed.gather_objects(mine) for i, acts in part.items()}
+        return [every[i] for i in range(len(groups))]
 
     def next_batch(self, n: int) -> Tensor:
         parts, need = [], n
