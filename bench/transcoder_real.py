@@ -37,7 +37,7 @@ def stores(root: Path, tokens: int) -> tuple[Path, Path]:
 
 
 def run_one(name: str, store: Path, coder: dict, a: argparse.Namespace, out: Path) -> dict:
-    run = out / name
+    run = out / name.replace(" ", "-")
     src = SourceConfig(kind="store", path=str(store.resolve()), heldout=a.heldout, seed=a.seed)
     cfg = TrainConfig(method="topk", coder={"m": a.m, "k": a.k, **coder}, source=src, steps=a.steps,
                       batch_size=a.batch, lr=a.lr, seed=a.seed, log_every=50, ckpt_every=a.steps, device="cpu")
