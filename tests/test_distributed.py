@@ -110,7 +110,9 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_exactly(data, tmp_pat
     survivor = [p for p in logs.rglob("stderr.log") if p.parent.name == "0"]
     lines = [ln for ln in survivor[0].read_text().splitlines() if ln.strip()]
     assert len(lines) == 1, lines  # one line, no traceback
-    assert "sparsecode: error: rank 0: " in lines[0] and "rank 1" in lines[0], lines[0]
+    # rank 0 sees rank 1 gone at its next collective, or (when torchrun is first) is stopped by its SIGTERM
+    assert lines[0].startswith("sparsecode: error: rank 0: ") and ("rank 1" in lines[0] or "SIGTERM" in lines[0]), \
+        lines[0]
     assert (out / "checkpoints" / "LATEST").read_text() == "step-0000010"
 
     resumed = torchrun(args(data, "topk", out, "--resume"))
