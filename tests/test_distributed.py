@@ -30,6 +30,7 @@ METHODS = {
     "topk": ["-k", "4", "--set", "dead_tokens=128"],
     "batchtopk": ["-k", "4", "--set", "dead_tokens=128", "--set", "calibration_rows=512"],
     "jumprelu": ["--set", "l0_coef=0.05"],
+    "relu": ["--set", "l1_coef=0.1"],
     "vq": ["--set", "restart_after=0.5", "--set", "kmeans_iters=3"],
 }
 
@@ -154,7 +155,7 @@ def test_a_rank_reads_only_its_share_of_each_batch(kind, tmp_path):
 
 def test_several_ranks_refuse_what_they_cannot_split(monkeypatch, tmp_path):
     monkeypatch.setattr(distributed, "world", lambda: 2)
-    cfg = TrainConfig(method="relu", coder={"d_in": 8, "m": 16}, steps=2, batch_size=8)
+    cfg = TrainConfig(method="gba", coder={"d_in": 8, "m": 16}, steps=2, batch_size=8)
     with pytest.raises(SparsecodeError, match="cannot train on several ranks yet"):
         Trainer(cfg, tmp_path / "a")
     cfg = TrainConfig(method="topk", coder={"d_in": 8, "m": 16, "k": 2}, steps=2, batch_size=9)

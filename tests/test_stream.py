@@ -78,3 +78,31 @@ def test_errors_are_one_line(gpt2_dir, tmp_path):  # noqa: F811
     with pytest.raises(SparsecodeError, match="no text for this split") as e:
         held.next_batch(4)
     assert "\n" not in str(e.value)
+
+
+def test_one_pass_feeds_a_transcoder_and_a_crosscoder(gpt2_dir, tmp_path):  # noqa: F811
+    """With `target` the rows are [the hook's, the target's] and with `hooks` the sites side by side, each part the
+    rows a stream of that site alone gives; training takes d_out and sites from them."""
+    from sparsecode.train import TrainConfig, train
+
+    corpus = write_corpus(tmp_path / "c")
+    mlp, out = "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp"
+    paired = stream(gpt2_dir, corpus, hook=mlp, hook_point="input", target=out)
+    alone_in, alone_out = stream(gpt2_dir, corpus, hook=mlp, hook_point="input"), stream(gpt2_dir, corpus, hook=out)
+    assert (paired.d, paired.d_out) == (32, 32)
+    rows = paired.next_batch(90)
+    assert torch.equal(rows[:, :32], alone_in.next_batch(90)) and torch.equal(rows[:, 32:], alone_out.next_batch(90))
+    sites = stream(gpt2_dir, corpus, hooks=["transformer.h.0", "transformer.h.1"])
+    assert sites.site_widths == (32, 32) and sites.d == 64
+    both = sites.next_batch(90)
+    assert torch.equal(both[:, 32:], stream(gpt2_dir, corpus).next_batch(90))  # transformer.h.1 alone
+    opts = {"model": str(gpt2_dir), "corpus": str(corpus), "context": 16, "batch_contexts": 4, "buffer_rows": 120,
+            "device": "cpu"}
+    for name, extra in (("tc", {"hook": mlp, "hook_point": "input", "target": out}),
+                        ("cc", {"hooks": ["transformer.h.0", "transformer.h.1"]})):
+        cfg = TrainConfig(method="topk", coder={"m": 32, "k": 4}, steps=4, batch_size=32, init_rows=64, device="cpu",
+                          source=SourceConfig(kind="model", options={**opts, **extra}, heldout=0.2))
+        coder = train(cfg, tmp_path / name)
+        assert (coder.cfg.d_out, coder.cfg.sites) == ((32, 1) if name == "tc" else (0, 2))
+    with pytest.raises(SparsecodeError, match="do not go together"):
+        stream(gpt2_dir, corpus, hooks=["transformer.h.0", "transformer.h.1"], target=out)

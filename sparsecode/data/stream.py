@@ -9,13 +9,17 @@ of their index (the `eval` share is SourceConfig.heldout).
 Resuming restores (epoch, window index, the corpus cursor where the window starts, position inside the
 window). The window's rows are recomputed from that cursor (one window's forward passes) and reshuffled
 with the same generator seed, so the stream continues with exactly the rows it would have given.
+
+Like `harvest`, one forward pass can feed several sites: with `target` (a transcoder's) the rows are [input,
+target] (`d` + `d_out` wide), with `hooks` (a crosscoder's sites, each at `hook_point`) the sites side by side
+(`site_widths`).
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,10 +39,19 @@ class StreamConfig(ModelSpec):
     """Options of source kind `model` (SourceConfig.options): a ModelSpec and the mixing buffer."""
 
     buffer_rows: int = 16384  # rows mixed together
+    target: str = ""  # a second module whose activations follow the hook's in each row (a transcoder's target)
+    target_point: str = "output"  # output | input of the target module
+    hooks: list[str] = field(default_factory=list)  # a crosscoder's sites, side by side (the first replaces hook)
 
     def validate(self) -> None:
         super().validate()
         positive(self, "buffer_rows")
+        check(self.target_point in ("output", "input"), f"target point must be output or input, got "
+                                                        f"{self.target_point!r}")
+        check(not self.hooks or len(self.hooks) >= 2, f"hooks lists a crosscoder's sites: give two or more, got "
+                                                      f"{self.hooks}")
+        check(not (self.hooks and self.target), "hooks (a crosscoder's sites) and target (a transcoder's) do not "
+                                                "go together")
 
 
 class ModelStream:
@@ -57,15 +70,22 @@ class ModelStream:
         self.corpus = open_corpus(cfg.corpus, cfg.text_field)
         device = distributed.local_device(pick_device(cfg.device))
         self.model, self.tokenizer, _ = load_model(cfg.model, cfg.revision, device, cfg.tokenizer)
+        check(not hooks or not (cfg.target or cfg.hooks), "one coder per hook takes a source of one site, without "
+                                                         "target or hooks")
         self.hooks = match_modules(self.model, hooks) if hooks else [cfg.hook]
-        self.hooked = Paired(self.model, [(h, cfg.hook_point) for h in self.hooks]) if hooks else \
-            Hooked(self.model, cfg.hook, cfg.hook_point)
+        sites = [(h, cfg.hook_point) for h in (self.hooks if hooks else cfg.hooks)]
+        if cfg.target:
+            sites = [(cfg.hook, cfg.hook_point), (cfg.target, cfg.target_point)]
+        self.hooked = Paired(self.model, sites) if sites else Hooked(self.model, cfg.hook, cfg.hook_point)
         self.layout = Layout.of(self.tokenizer, cfg.context, cfg.prepend_bos)
         share = int(round(heldout * 10000))
         self.keep_doc = lambda i: (zlib.crc32(str(i).encode()) % 10000 < share) == (split == "eval")
         probe = torch.tensor([self.layout.prefix + [self.layout.pad] + self.layout.suffix])
         self.d = int(self.hooked(probe, torch.ones_like(probe)).shape[-1])
-        self.widths = list(self.hooked.widths) if hooks else [self.d]
+        self.widths = list(self.hooked.widths) if sites else [self.d]
+        self.d_out, self.site_widths = 0, tuple(self.widths) if cfg.hooks else ()
+        if cfg.target:  # rows [input, target]: `d` is the input's width, as a paired store's
+            self.d, self.d_out = self.widths
         self.window_contexts = max(1, -(-cfg.buffer_rows // self.layout.content))
         self.epoch, self.window, self.cursor, self.pos = 0, 0, (0, 0), 0
         self._rows: Tensor | None = None  # the current window, shuffled

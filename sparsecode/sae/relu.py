@@ -45,6 +45,7 @@ class ReLUSAE(SAE):
     unit_atoms = False
     transcodes = True  # d_out > 0: a (skip) transcoder; the L1 scale is the target's
     crosscodes = True  # sites > 1: each latent's L1 weight is the sum of its per-site decoder norms
+    data_parallel = True  # its L1 scale is the whole batch's (per_row_scale), its counters reduced in track
 
     def __init__(self, cfg: ReLUConfig):
         super().__init__(cfg)
