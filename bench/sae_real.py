@@ -43,13 +43,13 @@ METHODS = {
 # 1e-2 (0.190 against 0.258, with 25% dead); see BENCHMARKS.md
 LR = {"topk": 3e-3, "batchtopk": 3e-3, "matryoshka": 3e-3, "jumprelu": 3e-3, "relu": 3e-3}
 # held-out L0 ≈ 32 (±15%) at 700 steps of 1,024, m = 4,096, lr 3e-3 on minilm-h, found on 700-step runs:
-# sparsecode relu l1_coef 0.12 → L0 39.7, 0.13 → 33.5; SAELens standard l1_coefficient 1.5 → 18.1, 1.0 → 30.6;
-# SAELens jumprelu l0_coefficient 1 → 10.1, 0.3 → 18.0, 0.1 → 42.8, 0.15 → 29.5. sparsecode's jumprelu L0 does
-# not follow l0_coef at this length (200 steps: 0.01 and 0.03 both L0 365): its log-θ moves at most ~lr per
-# Adam step, so L0 is set by where θ starts: theta_init 0.5 → 23.8, 1.0 → 9.3, 0.4 → 30.7 (l0_coef at its 0.01)
-COEF = {"jumprelu": 0.01, "relu": 0.13}  # sparsecode: l0_coef (per row, FVU scale), l1_coef (unitless)
+# sparsecode relu l1_coef 0.13 → L0 32.3 (atoms starting at norm 0.1; at unit norm 0.12 → 39.7, 0.13 → 33.5);
+# SAELens standard l1_coefficient 1.5 → 18.1, 1.0 → 30.6; SAELens jumprelu l0_coefficient 1 → 10.1, 0.3 → 18.0,
+# 0.1 → 42.8, 0.15 → 29.5. sparsecode's jumprelu (θ trained directly) barely follows l0_coef here: 0.003 → 39.9,
+# 0.01 → 39.0 (theta_init 0.1); with log θ its L0 was set by theta_init (0.4 → 30.7, 0.5 → 23.8)
+COEF = {"jumprelu": 0.003, "relu": 0.13}  # sparsecode: l0_coef (per row, FVU scale), l1_coef (unitless)
 PEER_COEF = {"jumprelu": 0.15, "relu": 1.0}  # SAELens: l0_coefficient, l1_coefficient (summed-MSE scale)
-SET: dict[str, dict] = {"jumprelu": {"theta_init": 0.4}}  # other options of sparsecode's methods than their defaults
+SET: dict[str, dict] = {}  # other options of sparsecode's methods than their defaults
 
 
 def pairs(items: list[str] | None) -> dict[str, float]:
