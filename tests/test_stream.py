@@ -70,7 +70,7 @@ def test_errors_are_one_line(gpt2_dir, tmp_path):  # noqa: F811
     with pytest.raises(SparsecodeError, match="closest"):
         stream(gpt2_dir, corpus, hook="transformer.h.5.mlp")
     with pytest.raises(SparsecodeError, match="unknown model source option"):
-        stream(gpt2_dir, corpus, hooks="x")
+        stream(gpt2_dir, corpus, layers="x")
     (tmp_path / "e").mkdir()
     with pytest.raises(SparsecodeError, match="empty"):
         stream(gpt2_dir, tmp_path / "e")
