@@ -10,7 +10,7 @@ one. The positions of BOS, CLS, SEP, separators and padding are dropped.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -141,11 +141,30 @@ class ModelSpec:
     revision: str | None = None
     tokenizer: str | None = None  # hub id or folder of the tokenizer, when the model's own has none
     device: str = "auto"
+    target: str = ""  # a second module whose activations follow the hook's in each row (a transcoder's target)
+    target_point: str = "output"  # output | input of the target module
+    # a crosscoder's sites: modules side by side in each row, each at hook_point (the first is `hook`); []: one
+    hooks: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         check(self.hook_point in ("output", "input"), f"hook point must be output or input, got {self.hook_point!r}")
         check(self.context >= 2, f"context must be at least 2, got {self.context}")
         positive(self, "batch_contexts")
+        check(not self.hooks or len(self.hooks) >= 2, f"hooks lists a crosscoder's sites: give two or more, got "
+                                                      f"{self.hooks}")
+        check(len(set(self.hooks)) == len(self.hooks), f"a --hook is given twice: {', '.join(self.hooks)}")
+        check(not (self.hooks and self.target), "several --hook (a crosscoder's sites) and --target (a transcoder's) "
+                                                "do not go together")
+        check(self.target_point in ("output", "input"),
+              f"target point must be output or input, got {self.target_point!r}")
+        check(bool(self.target) or self.target_point == "output", "--target-point needs a --target")
+
+    def sites(self) -> list[tuple[str, str]]:
+        """The (module, point) sites one forward pass captures side by side: a transcoder's input and target, a
+        crosscoder's hooks; [] for the one hook."""
+        if self.target:
+            return [(self.hook, self.hook_point), (self.target, self.target_point)]
+        return [(h, self.hook_point) for h in self.hooks]
 
 
 def batches(contexts: Iterator[Context], size: int, limit: int) -> Iterator[list[Context]]:

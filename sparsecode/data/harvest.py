@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +41,9 @@ class HarvestConfig(ModelSpec):
     dtype: str = "fp16"
     file_format: str = "safetensors"
     shard_tokens: int = 131072
-    target: str = ""  # a second module whose activations are stored beside acts (a transcoder's target); "": none
-    target_point: str = "output"  # output | input of the target module
-    # a crosscoder's sites: modules stored side by side in acts, each at hook_point (the first is `hook`); []: one
-    hooks: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         super().validate()
-        check(not self.hooks or len(self.hooks) >= 2, f"hooks lists a crosscoder's sites: give two or more, got "
-                                                      f"{self.hooks}")
-        check(len(set(self.hooks)) == len(self.hooks), f"a --hook is given twice: {', '.join(self.hooks)}")
-        check(not (self.hooks and self.target), "several --hook (a crosscoder's store) and --target (a transcoder's) "
-                                                "do not go together")
-        check(self.target_point in ("output", "input"),
-              f"target point must be output or input, got {self.target_point!r}")
-        check(bool(self.target) or self.target_point == "output", "--target-point needs a --target")
         check(bool(self.out), "a harvest needs an output folder (--out)")
         positive(self, "tokens")
         check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -76,8 +64,7 @@ def harvest(cfg: HarvestConfig, progress: bool = False,
         corpus = open_corpus(cfg.corpus, cfg.text_field)
         device = distributed.local_device(pick_device(cfg.device))
         model, tokenizer, revision = load_model(cfg.model, cfg.revision, device, cfg.tokenizer)
-        sites = [(cfg.hook, cfg.hook_point), (cfg.target, cfg.target_point)] if cfg.target else \
-            [(h, cfg.hook_point) for h in cfg.hooks]
+        sites = cfg.sites()
         hooked = Paired(model, sites) if sites else Hooked(model, cfg.hook, cfg.hook_point)
         layout = Layout.of(tokenizer, cfg.context, cfg.prepend_bos)
         # a store without a target or several hooks keeps the old header

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,19 +39,10 @@ class StreamConfig(ModelSpec):
     """Options of source kind `model` (SourceConfig.options): a ModelSpec and the mixing buffer."""
 
     buffer_rows: int = 16384  # rows mixed together
-    target: str = ""  # a second module whose activations follow the hook's in each row (a transcoder's target)
-    target_point: str = "output"  # output | input of the target module
-    hooks: list[str] = field(default_factory=list)  # a crosscoder's sites, side by side (the first replaces hook)
 
     def validate(self) -> None:
         super().validate()
         positive(self, "buffer_rows")
-        check(self.target_point in ("output", "input"), f"target point must be output or input, got "
-                                                        f"{self.target_point!r}")
-        check(not self.hooks or len(self.hooks) >= 2, f"hooks lists a crosscoder's sites: give two or more, got "
-                                                      f"{self.hooks}")
-        check(not (self.hooks and self.target), "hooks (a crosscoder's sites) and target (a transcoder's) do not "
-                                                "go together")
 
 
 class ModelStream:
@@ -73,9 +64,7 @@ class ModelStream:
         check(not hooks or not (cfg.target or cfg.hooks), "one coder per hook takes a source of one site, without "
                                                          "target or hooks")
         self.hooks = match_modules(self.model, hooks) if hooks else [cfg.hook]
-        sites = [(h, cfg.hook_point) for h in (self.hooks if hooks else cfg.hooks)]
-        if cfg.target:
-            sites = [(cfg.hook, cfg.hook_point), (cfg.target, cfg.target_point)]
+        sites = [(h, cfg.hook_point) for h in self.hooks] if hooks else cfg.sites()
         self.hooked = Paired(self.model, sites) if sites else Hooked(self.model, cfg.hook, cfg.hook_point)
         self.layout = Layout.of(self.tokenizer, cfg.context, cfg.prepend_bos)
         share = int(round(heldout * 10000))
