@@ -371,13 +371,13 @@ class StoreSource:
 
     def next_batch(self, n: int) -> Tensor:
         """[n, d] rows; a paired store's are [n, d + d_out]: acts, then the target's row beside it."""
-        idx = self.next_indices(n)
-        x = self.store.gather(idx)
-        return torch.cat([x, self.store.gather(idx, "target")], 1) if self.d_out else x
+        return self._rows(self.next_indices(n))
 
     def next_shard(self, n: int, rank: int, world: int) -> Tensor:
         """Rows [rank·n/world, (rank+1)·n/world) of the next n (the stream advances by n), the only ones read."""
-        idx = self.next_indices(n)[rank * n // world : (rank + 1) * n // world]
+        return self._rows(self.next_indices(n)[rank * n // world : (rank + 1) * n // world])
+
+    def _rows(self, idx: Tensor) -> Tensor:
         x = self.store.gather(idx)
         return torch.cat([x, self.store.gather(idx, "target")], 1) if self.d_out else x
 
