@@ -12,8 +12,7 @@ of every batch as a single run does, the trainers' collectives in the same order
 from __future__ import annotations
 
 import copy
-from contextlib import ExitStack, nullcontext
-from functools import partial
+from contextlib import ExitStack
 from itertools import accumulate, zip_longest
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,8 @@ from .data.source import SourceConfig
 from .data.stream import ModelStream, StreamConfig
 from .device import deterministic_kernels
 from .errors import SparsecodeError
-from .files import check_folder, writing
-from .train import TrainConfig, Trainer, check_run_folder
+from .files import check_folder
+from .train import TrainConfig, Trainer
 
 
 class SharedRows:
@@ -123,9 +122,7 @@ def train_hooks(cfg: TrainConfig, hooks: list[str], out: Path, resume: bool = Fa
                 rows = HookRows(shared, who, starts[i], starts[i + 1])
                 trainers.append(Trainer(own, runs[hook], rows, progress and who == 0 and rank == 0, reshard))
             for t in trainers:
-                check_run_folder(t.run)
-                locks.enter_context(writing(t.run, "run", keep=partial(_saved, t.run)) if t.rank == 0
-                                    else nullcontext())
+                locks.enter_context(t.lock())
             for t in trainers:
                 t.start(resume)
             for _ in zip_longest(*(t.steps() for t in trainers)):  # in turn, step by step, to the end
@@ -133,7 +130,3 @@ def train_hooks(cfg: TrainConfig, hooks: list[str], out: Path, resume: bool = Fa
             coders.update({t.run.name: t.coder for t in trainers})
         distributed.barrier()  # every run is complete before any rank reports
         return coders
-
-
-def _saved(run: Path) -> bool:
-    return (run / "checkpoints" / "LATEST").is_file()

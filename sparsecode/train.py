@@ -12,7 +12,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,6 +180,14 @@ class Trainer:
         if self.rank == 0:
             ck.save_checkpoint(self.run, self.step, self.coder, state, self.cfg.keep_checkpoints)
         distributed.barrier()
+
+    def lock(self) -> AbstractContextManager[Any]:
+        """The run folder checked (a folder of other files gets no lock file either), then locked for this writer
+        (rank 0; the other ranks write nothing); a folder the lock created goes again if no checkpoint was saved."""
+        check_run_folder(self.run)
+        if self.rank != 0:
+            return nullcontext()
+        return writing(self.run, "run", keep=lambda: (self.run / "checkpoints" / "LATEST").is_file())
 
     def start(self, resume: bool = False) -> None:
         """Reopen the run to resume from its last checkpoint, or start it afresh, then initialise from data.
@@ -364,10 +372,7 @@ def train(cfg: TrainConfig, run: Path, source: ActivationSource | None = None, r
     and rank 0 alone locks and writes the run; `reshard`: resume a run saved by another number of ranks."""
     with distributed.launched(cfg.device):
         trainer = Trainer(cfg, run, source, progress, reshard)  # the config and the source are checked first
-        check_run_folder(Path(run))  # a folder of other files gets no lock file either
-        lock = writing(run, "run", keep=lambda: (Path(run) / "checkpoints" / "LATEST").is_file()) \
-            if trainer.rank == 0 else nullcontext()
-        with lock:
+        with trainer.lock():
             trainer.start(resume)
             return trainer.fit(on_step)
 
