@@ -80,20 +80,16 @@ class SparseFeatures:
 
     def sample(self, n: int) -> tuple[Tensor, Tensor]:
         """([n, d] rows, [n, n_features] true coefficients)."""
-        coef = self.coefficients(n)
-        x = coef @ self.features
-        if self.cfg.noise:
-            x = x + self.cfg.noise * torch.randn(n, x.shape[1], generator=self.generator)
-        return x, coef
-
-    def coefficients(self, n: int) -> Tensor:
-        """[n, n_features] fresh true coefficients (0 where a feature is silent), from the stream's generator."""
         c, g = self.cfg, self.generator
         fires = torch.rand(n, c.n_features, generator=g) < self.freq
         coef = c.coef_min + (c.coef_max - c.coef_min) * torch.rand(n, c.n_features, generator=g)
         if c.signed:
             coef = coef * (torch.randint(0, 2, (n, c.n_features), generator=g) * 2 - 1)
-        return coef * fires
+        coef = coef * fires
+        x = coef @ self.features
+        if c.noise:
+            x = x + c.noise * torch.randn(n, x.shape[1], generator=g)
+        return x, coef
 
     def next_batch(self, n: int) -> Tensor:
         return self.sample(n)[0]
@@ -186,22 +182,18 @@ class SiteFeatures:
 
     def __init__(self, cfg: SiteFeaturesConfig, seed: int = 0, stream: str = "train"):
         self.cfg, self.d, self.site_widths = cfg, cfg.sites * cfg.d, (cfg.d,) * cfg.sites
-        self.inner = SparseFeatures(cfg, seed, stream)  # the coefficients f, from the stream's generator
+        self.inner = SparseFeatures(cfg, seed, stream)  # f and its rows, its atoms replaced by the sites' below
         g = torch.Generator().manual_seed(derive_seed(seed, "truth/sites"))
         n, sites = cfg.n_features, cfg.sites
         dirs = F.normalize(torch.randn(n, sites, cfg.d, generator=g), dim=2)  # each feature's direction per site
         chosen = torch.randperm(n, generator=g)[: round(cfg.specific * n)]
         self.planted = torch.ones(n, sites, dtype=torch.bool)  # [n, L]: where each feature writes
         self.planted[chosen] = F.one_hot(torch.arange(len(chosen)) % sites, sites).bool()
-        self.features = (dirs * self.planted[..., None]).reshape(n, self.d)  # [n, L·d]
+        self.features = self.inner.features = (dirs * self.planted[..., None]).reshape(n, self.d)  # [n, L·d]
 
     def sample(self, n: int) -> tuple[Tensor, Tensor]:
         """([n, L·d] rows, [n, n_features] true coefficients)."""
-        coef = self.inner.coefficients(n)
-        x = coef @ self.features
-        if self.cfg.noise:
-            x = x + self.cfg.noise * torch.randn(n, self.d, generator=self.inner.generator)
-        return x, coef
+        return self.inner.sample(n)
 
     def next_batch(self, n: int) -> Tensor:
         return self.sample(n)[0]
