@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..code import Code, decode
 from ..coder import Coder, Output
+from ..errors import SparsecodeError
 from ..kernels.sparse_encoder import picked
 from ..kernels.sparse_encoder import pre_acts as scores
 from ..metrics import fvu, total_variance
@@ -140,8 +141,6 @@ class SAE(Dictionary):
 
     def check_target(self, x: Tensor, target: Tensor | None) -> Tensor:
         """What the output is scored against: `target` [B, d_out] for a transcoder (required), else x."""
-        from ..errors import SparsecodeError
-
         if not self.cfg.d_out:
             if target is not None:
                 raise SparsecodeError(f"{self.name}: got a target but d_out=0 (an autoencoder); set d_out")
