@@ -53,13 +53,14 @@ DEAD_TOKENS_CAP = 10_000_000  # Gao et al.'s dead window; the auto window never 
 DEAD_TOKENS_UNTIED = 1_000_000  # the window of a coder trained outside the trainer (no run length to tie it to)
 
 
-def auto_dead_tokens(run_tokens: int) -> int:
-    """dead_tokens=None resolved when a run is created: a twentieth of its tokens, at most 10M (the paper's window).
+def auto_dead_tokens(run_tokens: int, parts: int = 20) -> int:
+    """dead_tokens=None resolved when a run is created: a `parts`-th of its tokens (the method's
+    `dead_window_parts`), at most 10M (the paper's window).
 
     A twentieth lets AuxK act on latents that died in the first 95% of any run, however short, while a latent
     only counts as dead after 0.05·run tokens without firing (a tenth left more latents dead on MiniLM:
     BENCHMARKS.md, SAEs on real activations)."""
-    return max(1, min(DEAD_TOKENS_CAP, run_tokens // 20))
+    return max(1, min(DEAD_TOKENS_CAP, run_tokens // parts))
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Coder(nn.Module):
     # whether every batch statistic it keeps is reduced over the ranks (`distributed`), so that N ranks with B/N
     # rows each train it as one process with B rows: torchrun runs of more than one rank need it
     data_parallel: ClassVar[bool] = False
+    dead_window_parts: ClassVar[int] = 20  # dead_tokens=None: a run's tokens over this (`auto_dead_tokens`)
 
     def __init__(self, cfg: CoderConfig):
         super().__init__()

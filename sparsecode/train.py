@@ -134,7 +134,8 @@ class Trainer:
         # dead_tokens None: resolved here, saved in config.json, and on resume taken from there (`start`)
         self.auto_dead_tokens = cfg.coder.get("dead_tokens") is None
         if self.auto_dead_tokens:
-            cfg.coder["dead_tokens"] = auto_dead_tokens(cfg.steps * cfg.batch_size)
+            cfg.coder["dead_tokens"] = auto_dead_tokens(cfg.steps * cfg.batch_size,
+                                                        get_method(cfg.method).dead_window_parts)
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
             torch.manual_seed(derive_seed(cfg.seed, "init"))
             self.coder: Coder = build(cfg.method, cfg.coder).to(self.device)
@@ -167,6 +168,10 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.opt:
+            saved, groups = len(state["optimizer"]["param_groups"]), len(self.opt.param_groups)
+            if saved != groups:  # e.g. a jumprelu run saved before θ had a group of its own
+                raise SparsecodeError(f"this checkpoint's optimizer has {saved} parameter group(s), {self.cfg.method} "
+                                      f"now trains {groups}: it was saved by an older sparsecode; retrain the run")
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
@@ -278,10 +283,11 @@ class Trainer:
         if self.opt is not None and loss.requires_grad:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            distributed.average_grads([p for group in self.opt.param_groups for p in group["params"]])
+            params = [p for group in self.opt.param_groups for p in group["params"]]
+            distributed.average_grads(params)
             self.coder.after_backward()
             if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], self.cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
             self.opt.step()
         if self.sched is not None:
             self.sched.step()

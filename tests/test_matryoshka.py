@@ -1,12 +1,15 @@
 import pytest
 import torch
-from sae_helpers import SUPERPOSITION, run
+from data_helpers import minilm_store  # noqa: F401
+from sae_helpers import SUPERPOSITION, one_thread, run
 
 from sparsecode.code import Code
 from sparsecode.coder import build
 from sparsecode.data.source import SourceConfig, open_source
 from sparsecode.errors import SparsecodeError
+from sparsecode.evaluate import evaluate
 from sparsecode.metrics import fvu
+from sparsecode.train import TrainConfig, train
 
 
 def test_prefix_losses_are_the_fvu_of_each_prefix_alone():
@@ -68,3 +71,23 @@ def test_the_batchtopk_selection_is_calibrated_to_l0_k_and_topk_needs_no_calibra
     assert abs(ema / 4 - 1) > 0.1, ema
     assert abs(calibrated / 4 - 1) < 0.02, (calibrated, ema)
     assert build("matryoshka", {"d_in": 16, "m": 64, "k": 4, "selection": "topk"}).calibration_rows() == 0
+
+
+def minilm_dead(store, tmp_path, **coder) -> float:
+    """The share of latents of a matryoshka SAE (m = 2,048, k = 16, 300 steps of 256 MiniLM rows) that never fire on
+    16,384 rows of the training split."""
+    source = SourceConfig(kind="store", path=str(store), heldout=0.25)
+    cfg = TrainConfig(method="matryoshka", coder={"m": 2048, "k": 16, **coder}, source=source, steps=300,
+                      batch_size=256, lr=3e-3, log_every=100, ckpt_every=10**9, init_rows=4096)
+    with one_thread():
+        coder_ = train(cfg, tmp_path / "run")
+    return evaluate(coder_, open_source(source, "train"), rows=16384, details=False)["never_fired"]
+
+
+def test_outer_latents_stay_alive_on_minilm(minilm_store, tmp_path):  # noqa: F811
+    """Matryoshka's AuxK (4× TopK's weight, over a fortieth of the run) keeps its rarely firing outer latents alive
+    on real activations: measured 2.7% never fired, against 4.4% with TopK's AuxK (1/32, a twentieth of the run).
+    (This small store leaves some dead either way; on minilm-h at m = 4,096 it is 0.56% against 3.49%.)"""
+    ours = minilm_dead(minilm_store, tmp_path / "ours")
+    topk = minilm_dead(minilm_store, tmp_path / "topk", aux_coef=1 / 32, dead_tokens=300 * 256 // 20)
+    assert ours < 0.75 * topk, (ours, topk)

@@ -80,10 +80,10 @@ def test_transcoder_run_resumes_exactly(tmp_path):
 
 
 def test_jumprelu_transcoder_recovers_a_sparse_map(tmp_path):
-    coder, x, y, _ = fit(tmp_path, "jumprelu", MAP, dict(m=64), method="jumprelu")
+    coder, x, y, _ = fit(tmp_path, "jumprelu", MAP, dict(m=64, l0_coef=0.01), method="jumprelu")
     with torch.no_grad():
         assert coder.W_dec.shape == (64, 32) and coder.cfg.d_out == 32
-        assert fvu(y, coder.transcode(x)).item() < 0.2  # measured 0.044 at L0 3.2
+        assert fvu(y, coder.transcode(x)).item() < 0.2  # measured 0.089 at L0 2.4
         assert coder.encode(x).l0().float().mean() < 8
 
 
