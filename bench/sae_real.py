@@ -1,7 +1,7 @@
 """SAEs on real activations beside SAELens (issue 14): TopK, BatchTopK, Matryoshka, JumpReLU and ReLU on one store.
 
 Each method is trained by sparsecode (`sparsecode.train.train`, the method at its defaults but m, k, lr, the
-L1/L0 coefficient and jumprelu's theta_init, see COEF) and by SAELens (bench/contenders/saelens_train.py, in
+L1/L0 coefficient and jumprelu's target k, see COEF and SET) and by SAELens (bench/contenders/saelens_train.py, in
 .venv-bench: its `SAETrainer` at its defaults but the same m, k, lr, batch and steps) on the same rows in the same
 order, then both are measured on the same held-out rows by sparsecode's CodeStats: FVU, L0, the share of latents
 that never fire on them (dead on held-out) and seconds of training. The trainers' own dead share: sparsecode's
@@ -45,11 +45,11 @@ LR = {"topk": 3e-3, "batchtopk": 3e-3, "matryoshka": 3e-3, "jumprelu": 3e-3, "re
 # held-out L0 ≈ 32 (±15%) at 700 steps of 1,024, m = 4,096, lr 3e-3 on minilm-h, found on 700-step runs:
 # sparsecode relu l1_coef 0.13 → L0 32.3 (atoms starting at norm 0.1; at unit norm 0.12 → 39.7, 0.13 → 33.5);
 # SAELens standard l1_coefficient 1.5 → 18.1, 1.0 → 30.6; SAELens jumprelu l0_coefficient 1 → 10.1, 0.3 → 18.0,
-# 0.1 → 42.8, 0.15 → 29.5. sparsecode's jumprelu (θ trained directly) barely follows l0_coef here: 0.003 → 39.9,
-# 0.01 → 39.0 (theta_init 0.1); with log θ its L0 was set by theta_init (0.4 → 30.7, 0.5 → 23.8)
-COEF = {"jumprelu": 0.003, "relu": 0.13}  # sparsecode: l0_coef (per row, FVU scale), l1_coef (unitless)
-PEER_COEF = {"jumprelu": 0.15, "relu": 1.0}  # SAELens: l0_coefficient, l1_coefficient (summed-MSE scale)
-SET: dict[str, dict] = {}  # other options of sparsecode's methods than their defaults
+# 0.15 → 29.5, 0.13 → 33.3, 0.1 → 42.8. sparsecode's jumprelu holds its L0 at k = 32 (Gemma Scope 2's target,
+# l0_coef 0.001 → 32.9; 0.0003 → 58.3, 0.01 → 17.7); with the plain λ·L0 its L0 did not follow λ at this length
+COEF = {"jumprelu": 0.001, "relu": 0.13}  # sparsecode: l0_coef (per row, FVU scale), l1_coef (unitless)
+PEER_COEF = {"jumprelu": 0.13, "relu": 1.0}  # SAELens: l0_coefficient, l1_coefficient (summed-MSE scale)
+SET: dict[str, dict] = {"jumprelu": {"k": 32}}  # options of sparsecode's methods other than their defaults
 
 
 def pairs(items: list[str] | None) -> dict[str, float]:
