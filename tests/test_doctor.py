@@ -113,6 +113,12 @@ def test_dense_atoms_from_a_weak_sparsity_penalty(tmp_path):
     assert hit["fix"] == "--set l1_coef=0.005" and "l1_coef=0.0005" in hit["figure"]
 
 
+def test_dense_jumprelu_atoms_want_a_target_l0(tmp_path):
+    hit = named(findings(tmp_path, "jumprelu", method="jumprelu", coder={"m": 128, "l0_coef": 1e-5}, steps=60),
+                "dense atoms:", "the L0 penalty does not set the L0")
+    assert hit["fix"] == "--set k=4 (a target L0)" and "l0_coef=1e-05" in hit["figure"]
+
+
 def test_dense_atoms_from_dense_frequency_targets(tmp_path):
     gba = dict(method="gba", steps=60)
     hit = named(findings(tmp_path, "gba", coder={"m": 128, "freq_max": 0.5, "freq_min": 0.2}, **gba),

@@ -208,6 +208,10 @@ def code_size(ev: Evidence) -> Cause | None:
     if k is not None:
         return Cause("k is a large share of m, so every atom fires on many rows by arithmetic",
                      f"k/m = {k}/{m} = {k / m:.0%}", f"-m {20 * k} (or -k {max(1, m // 20)})")
+    if hasattr(opts, "l0_coef") and hasattr(opts, "k"):  # jumprelu: its θ stops where no row is near it
+        return Cause("the L0 penalty does not set the L0: θ stops moving once no pre-activation is near it",
+                     f"held-out L0 {l0:.1f} of m = {m} with l0_coef={opts.l0_coef:.3g} and no target k",
+                     f"--set k={max(4, m // 128)} (a target L0)")
     penalty = next((p for p in ("l1_coef", "l0_coef") if hasattr(opts, p)), None)
     if penalty:
         v = getattr(opts, penalty)
