@@ -252,3 +252,13 @@ def test_an_inference_threshold_off_its_l0_target(tmp_path):
         found = [f for f in diagnose_run(tmp_path / "run")["findings"] if "inference L0" in f["what"]]
         assert bool(found) == off, found
     assert "held-out L0" in found[0]["figure"] and "for k = 4" in found[0]["figure"]
+
+
+@pytest.mark.parametrize("rate,cause,fix", [
+    (0.1, "θ has not risen far enough", "--set theta_lr=0.15 (or train longer)"),  # measured L0 94.4
+    (30.0, "θ overshot", "--set theta_lr=20"),  # measured L0 0.4
+])
+def test_a_jumprelu_l0_off_its_target(tmp_path, rate, cause, fix):
+    found = findings(tmp_path, "j", method="jumprelu", coder={"m": 128, "k": 4, "theta_lr": rate}, steps=60)
+    hit = named(found, "an L0 off its target", cause)
+    assert hit["fix"] == fix and "for the target k = 4" in hit["figure"]

@@ -205,6 +205,11 @@ def code_size(ev: Evidence) -> Cause | None:
     k, m, l0 = getattr(opts, "k", None), opts.m, float(code.l0().float().mean())
     if l0 / m <= DENSE / 2:
         return None
+    rate = getattr(opts, "theta_lr", None)
+    if k is not None and rate is not None and l0 > 2 * k:  # jumprelu short of its target L0 (doctor's target check)
+        return Cause("θ has not risen to the target L0 in this run: it moves about theta_lr × lr a step",
+                     f"held-out L0 {l0:.1f} for the target k = {k}",
+                     f"--set theta_lr={1.5 * rate:.3g} (or train longer)")
     if k is not None:
         return Cause("k is a large share of m, so every atom fires on many rows by arithmetic",
                      f"k/m = {k}/{m} = {k / m:.0%}", f"-m {20 * k} (or -k {max(1, m // 20)})")

@@ -181,8 +181,24 @@ def threshold_off_target(ev: Evidence) -> list[Finding]:
                     "diagnose it on rows of the training distribution (--data), or train on these")]
 
 
+def target_l0_missed(ev: Evidence) -> list[Finding]:
+    """jumprelu with a target L0 (k) whose held-out L0 is off k: θ moved too slowly, or overshot and stuck."""
+    k, rate = getattr(ev.opts, "k", None), getattr(ev.opts, "theta_lr", None)
+    if k is None or rate is None:
+        return []
+    l0 = float(ev.code.l0().float().mean())
+    if abs(l0 - k) <= L0_TOLERANCE * k:
+        return []
+    figure = f"held-out L0 {l0:.1f} for the target k = {k} (theta_lr {rate:.3g})"
+    if l0 > k:
+        return [Finding("an L0 off its target", "θ has not risen far enough in this run: it moves about theta_lr × "
+                        "lr a step", figure, f"--set theta_lr={1.5 * rate:.3g} (or train longer)")]
+    return [Finding("an L0 off its target", "θ overshot and stopped where no pre-activation is near it to bring it "
+                    "back", figure, f"--set theta_lr={rate / 1.5:.3g}")]
+
+
 CHECKS = (unused_atoms, dense_atoms, passive_variables, collapsed_codes, churning_restarts, loss_curve,
-          threshold_off_target)
+          threshold_off_target, target_l0_missed)
 
 
 def diagnose(cfg: Any, log: list[dict[str, Any]], coder: Coder, x: Tensor) -> list[Finding]:

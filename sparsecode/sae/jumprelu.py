@@ -4,8 +4,9 @@ Reading of the pseudo-derivatives (the paper's straight-through estimators, as i
 and SAELens): with the rectangle kernel K(u) = 1{|u| < ½} and bandwidth ε,
   ∂JumpReLU(pre; θ)/∂θ = −(θ/ε) · K((pre − θ)/ε),   ∂H(pre − θ)/∂θ = −(1/ε) · K((pre − θ)/ε),
 and neither passes a gradient to `pre` through the step (pre gets the plain gradient where z = pre).
-Loss = FVU + λ · mean_b L0_b, or with `k` Gemma Scope 2's target: λ · mean_b (2/k)(L0_b − k)², which holds the
-L0 near k. Atoms are free and start at norm 0.1 with θ at 0.01 (SAELens's start), so the encoder's scale meets θ.
+Loss = FVU + λ · mean_b L0_b, or with `k` Gemma Scope 2's target: λ · mean_b (2/k)(L0_b − k)², which brings the
+L0 to k where the plain penalty's L0 does not follow λ (θ stops where no pre-activation is near it). Atoms are
+free and start at norm 0.1 with θ at 0.01 (SAELens's start), so the encoder's scale meets θ.
 θ is trained directly and kept ≥ 0 (`theta_param="direct"`, SAELens's fix; `"log"` is the paper's log θ), at
 `theta_lr` times the run's lr: Adam moves θ about lr a step, too slow for θ to reach the data's scale in a short
 run under a decaying lr. With `d_out` it is a (skip) transcoder (SAELens's jumprelu_(skip_)transcoder): the FVU
