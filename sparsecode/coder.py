@@ -181,9 +181,10 @@ class Coder(nn.Module):
     def calibrate(self, x: Tensor) -> None:
         """Fit inference-only state (never what training reads) to rows of the training distribution."""
 
-    def make_optimizer(self, params: list[nn.Parameter], lr: float, betas: tuple[float, float],
+    def make_optimizer(self, params: list, lr: float, betas: tuple[float, float],
                        fused: bool | None) -> torch.optim.Optimizer:
-        """The optimizer the trainer uses for this method: Adam unless a method needs another."""
+        """The optimizer the trainer uses for this method: Adam unless a method needs another. `params`: parameters,
+        or parameter groups (dicts) as torch's optimizers take them."""
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused)
 
     # --- shared helpers -------------------------------------------------------------------------

@@ -205,15 +205,12 @@ def code_size(ev: Evidence) -> Cause | None:
     k, m, l0 = getattr(opts, "k", None), opts.m, float(code.l0().float().mean())
     if l0 / m <= DENSE / 2:
         return None
-    rate = getattr(opts, "theta_lr", None)
-    if k is not None and rate is not None and l0 > 2 * k:  # jumprelu short of its target L0 (doctor's target check)
-        return Cause("θ has not risen to the target L0 in this run: it moves about theta_lr × lr a step",
-                     f"held-out L0 {l0:.1f} for the target k = {k}",
-                     f"--set theta_lr={1.5 * rate:.3g} (or train longer)")
+    if k is not None and l0 > 2 * k and (slow := theta_speed(opts, l0)):  # jumprelu short of its target L0
+        return slow
     if k is not None:
         return Cause("k is a large share of m, so every atom fires on many rows by arithmetic",
                      f"k/m = {k}/{m} = {k / m:.0%}", f"-m {20 * k} (or -k {max(1, m // 20)})")
-    if hasattr(opts, "l0_coef") and hasattr(opts, "k"):  # jumprelu: its θ stops where no row is near it
+    if hasattr(opts, "theta_lr"):  # jumprelu without a target: its θ stops where no row is near it
         return Cause("the L0 penalty does not set the L0: θ stops moving once no pre-activation is near it",
                      f"held-out L0 {l0:.1f} of m = {m} with l0_coef={opts.l0_coef:.3g} and no target k",
                      f"--set k={max(4, m // 128)} (a target L0)")
@@ -226,6 +223,20 @@ def code_size(ev: Evidence) -> Cause | None:
         return None
     return Cause("each row uses a large share of the atoms, so every atom fires on many rows by arithmetic",
                  f"held-out L0 {l0:.1f} of m = {m}", f"-m {math.ceil(20 * l0)}")
+
+
+def theta_speed(opts: Any, l0: float) -> Cause | None:
+    """A jumprelu L0 off its target k: θ (moving at theta_lr × lr) too slow to reach it, or overshot and stuck;
+    None for other methods and jumprelu without k."""
+    k, rate = getattr(opts, "k", None), getattr(opts, "theta_lr", None)
+    if k is None or rate is None or l0 == k:
+        return None
+    figure = f"held-out L0 {l0:.1f} for the target k = {k} (theta_lr {rate:.3g})"
+    if l0 > k:
+        return Cause("θ has not risen far enough in this run: it moves about theta_lr × lr a step", figure,
+                     f"--set theta_lr={1.5 * rate:.3g} (or train longer)")
+    return Cause("θ overshot and stopped where no pre-activation is near it to bring it back", figure,
+                 f"--set theta_lr={rate / 1.5:.3g}")
 
 
 def frequency_targets(ev: Evidence) -> Cause | None:

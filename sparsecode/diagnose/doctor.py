@@ -182,19 +182,10 @@ def threshold_off_target(ev: Evidence) -> list[Finding]:
 
 
 def target_l0_missed(ev: Evidence) -> list[Finding]:
-    """jumprelu with a target L0 (k) whose held-out L0 is off k: θ moved too slowly, or overshot and stuck."""
-    k, rate = getattr(ev.opts, "k", None), getattr(ev.opts, "theta_lr", None)
-    if k is None or rate is None:
-        return []
-    l0 = float(ev.code.l0().float().mean())
-    if abs(l0 - k) <= L0_TOLERANCE * k:
-        return []
-    figure = f"held-out L0 {l0:.1f} for the target k = {k} (theta_lr {rate:.3g})"
-    if l0 > k:
-        return [Finding("an L0 off its target", "θ has not risen far enough in this run: it moves about theta_lr × "
-                        "lr a step", figure, f"--set theta_lr={1.5 * rate:.3g} (or train longer)")]
-    return [Finding("an L0 off its target", "θ overshot and stopped where no pre-activation is near it to bring it "
-                    "back", figure, f"--set theta_lr={rate / 1.5:.3g}")]
+    """jumprelu with a target L0 (k) whose held-out L0 is off k by more than L0_TOLERANCE (causes.theta_speed)."""
+    k, l0 = getattr(ev.opts, "k", None), float(ev.code.l0().float().mean())
+    found = c.theta_speed(ev.opts, l0) if k is not None and abs(l0 - k) > L0_TOLERANCE * k else None
+    return [found.of("an L0 off its target")] if found else []
 
 
 CHECKS = (unused_atoms, dense_atoms, passive_variables, collapsed_codes, churning_restarts, loss_curve,

@@ -109,15 +109,15 @@ class JumpReLUSAE(SAE):
         """θ as the optimizer holds it: a function of log θ, or θ itself."""
         return self.log_theta.exp() if self.cfg.theta_param == "log" else self.theta
 
-    def make_optimizer(self, params: list[nn.Parameter], lr: float, betas: tuple[float, float],
+    def make_optimizer(self, params: list, lr: float, betas: tuple[float, float],
                        fused: bool | None) -> torch.optim.Optimizer:
-        """Adam, with θ (or log θ) in a group of its own at `theta_lr` times the run's lr."""
+        """The method's optimizer, with θ (or log θ) in a group of its own at `theta_lr` times the run's lr."""
         theta = self.log_theta if self.cfg.theta_param == "log" else self.theta
         rest = [p for p in params if p is not theta]
         if len(rest) == len(params):  # θ is not trained
             return super().make_optimizer(params, lr, betas, fused)
-        groups = [{"params": rest}, {"params": [theta], "lr": lr * self.cfg.theta_lr}]
-        return torch.optim.Adam(groups, lr=lr, betas=betas, fused=fused)
+        return super().make_optimizer([{"params": rest}, {"params": [theta], "lr": lr * self.cfg.theta_lr}], lr,
+                                      betas, fused)
 
     def encode(self, x: Tensor) -> Code:
         self.check_input(x)
