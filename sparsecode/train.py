@@ -168,10 +168,6 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.opt:
-            saved, groups = len(state["optimizer"]["param_groups"]), len(self.opt.param_groups)
-            if saved != groups:  # e.g. a jumprelu run saved before θ had a group of its own
-                raise SparsecodeError(f"this checkpoint's optimizer has {saved} parameter group(s), {self.cfg.method} "
-                                      f"now trains {groups}: it was saved by an older sparsecode; retrain the run")
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
@@ -218,6 +214,11 @@ class Trainer:
                 raise SparsecodeError(f"run {run} was trained on {ranks} rank(s), not {self.world}; resume it with "
                                       f"{ranks} (torchrun --nproc-per-node {ranks}), or pass --reshard to go on with "
                                       f"{self.world} (the same run up to rounding)")
+            kept = len(state["optimizer"]["param_groups"]) if self.opt else 0
+            if self.opt and kept != len(self.opt.param_groups):  # e.g. a jumprelu saved before θ had a group of its own
+                raise SparsecodeError(f"this checkpoint's optimizer has {kept} parameter group(s), {self.cfg.method} "
+                                      f"now trains {len(self.opt.param_groups)}: it was saved by an older sparsecode; "
+                                      f"retrain the run")
             if writer:
                 sweep_temps(run / "checkpoints")
                 sweep_temps(run)

@@ -213,3 +213,21 @@ def test_a_calibrated_run_resumed_with_more_steps_ends_as_a_straight_run(tmp_pat
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert a["threshold"] != a["threshold_ema"]
+
+
+def test_a_checkpoint_of_another_optimizer_layout_is_refused_before_anything_is_written(tmp_path):
+    """A jumprelu checkpoint whose optimizer holds one parameter group (saved before θ had its own) is refused in
+    one line, and the run's config and log stay as they were."""
+    from sparsecode.checkpoint import load_coder, load_state, save_checkpoint
+
+    cfg = TrainConfig(method="jumprelu", coder={"m": 32}, source=SourceConfig(kind="synthetic"), steps=4,
+                      batch_size=64, log_every=2, ckpt_every=2)
+    train(cfg, tmp_path / "run")
+    step, state = load_state(latest_checkpoint(tmp_path / "run"))
+    coder = load_coder(tmp_path / "run")
+    state["optimizer"] = torch.optim.Adam(coder.parameters()).state_dict()  # one group, as older runs saved
+    save_checkpoint(tmp_path / "run", step, coder, state)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    with pytest.raises(SparsecodeError, match="optimizer has 1 parameter group"):
+        train(TrainConfig(**{**cfg.__dict__, "steps": 8}), tmp_path / "run", resume=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
