@@ -43,11 +43,12 @@ METHODS = {
 # 1e-2 (0.190 against 0.258, with 25% dead); see BENCHMARKS.md
 LR = {"topk": 3e-3, "batchtopk": 3e-3, "matryoshka": 3e-3, "jumprelu": 3e-3, "relu": 3e-3}
 # held-out L0 ≈ 32 (±15%) at 700 steps of 1,024, m = 4,096, lr 3e-3 on minilm-h, found on 700-step runs:
-# sparsecode relu l1_coef 0.13 → L0 32.3 (atoms starting at norm 0.1; at unit norm 0.12 → 39.7, 0.13 → 33.5);
-# SAELens standard l1_coefficient 1.5 → 18.1, 1.0 → 30.6; SAELens jumprelu l0_coefficient 1 → 10.1, 0.3 → 18.0,
-# 0.15 → 29.5, 0.13 → 33.3, 0.1 → 42.8. sparsecode's jumprelu holds its L0 at k = 32 (Gemma Scope 2's target,
-# l0_coef 0.001 → 32.9; 0.0003 → 58.3, 0.01 → 17.7); with the plain λ·L0 its L0 did not follow λ at this length
-COEF = {"jumprelu": 0.001, "relu": 0.13}  # sparsecode: l0_coef (per row, FVU scale), l1_coef (unitless)
+# sparsecode relu on its own schedule (constant lr, unit gradient) l1_coef 0.08 → L0 30.4, 0.082 → 29.9 (seed 0)
+# (on the cosine decay before it: 0.13 → 32.3); SAELens standard l1_coefficient 1.5 → 18.1, 1.0 → 30.6;
+# SAELens jumprelu l0_coefficient 1 → 10.1, 0.3 → 18.0, 0.15 → 29.5, 0.13 → 33.3, 0.1 → 42.8. sparsecode's
+# jumprelu holds its L0 at k = 32 (Gemma Scope 2's target, l0_coef 0.001 → 32.9; 0.0003 → 58.3, 0.01 → 17.7);
+# with the plain λ·L0 its L0 did not follow λ at this length
+COEF = {"jumprelu": 0.001, "relu": 0.08}  # sparsecode: l0_coef (per row, FVU scale), l1_coef (unitless)
 PEER_COEF = {"jumprelu": 0.13, "relu": 1.0}  # SAELens: l0_coefficient, l1_coefficient (summed-MSE scale)
 SET: dict[str, dict] = {"jumprelu": {"k": 32}}  # options of sparsecode's methods other than their defaults
 

@@ -33,14 +33,14 @@ def source_config(spec: str, options: list[str] | None, seed: int):
 
 
 TRAINING_FLAGS = ("steps", "batch_size", "lr", "log_every", "ckpt_every", "device", "precision", "warmup_steps",
-                  "deterministic")
+                  "decay", "grad_norm", "deterministic")
 
 
 def requested_config(a: argparse.Namespace, base=None):
     """The TrainConfig the flags ask for: over `base` (a run being resumed) only the flags given apply."""
     from .coder import get_method
     from .config import parse_value
-    from .train import TrainConfig
+    from .run_config import TrainConfig
 
     method = a.method or (base.method if base else "topk")
     cls = get_method(method)
@@ -164,7 +164,7 @@ def _cell(v: Any) -> str:
 
 def cmd_info(a: argparse.Namespace) -> int:
     from .checkpoint import latest_checkpoint
-    from .train import load_config
+    from .run_config import load_config
 
     run = Path(a.run)
     cfg = load_config(run)
@@ -280,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
-    t.add_argument("--warmup-steps", type=int)
+    t.add_argument("--warmup-steps", type=int, help="default: the method's (10 for most)")
+    t.add_argument("--decay", help="cosine | linear | constant; default: the method's (cosine for most)")
+    t.add_argument("--grad-norm", help="clip (at 1.0) | unit (every step's gradient at norm 1); default: the method's")
     t.add_argument("--seed", type=int, help="default 0")
     t.add_argument("--log-every", type=int)
     t.add_argument("--ckpt-every", type=int)

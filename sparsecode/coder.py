@@ -101,6 +101,7 @@ class Coder(nn.Module):
     # rows each train it as one process with B rows: torchrun runs of more than one rank need it
     data_parallel: ClassVar[bool] = False
     dead_window_parts: ClassVar[int] = 20  # dead_tokens=None: a run's tokens over this (`auto_dead_tokens`)
+    train_defaults: ClassVar[dict[str, Any]] = {}  # its own warmup_steps, decay, grad_norm (else TRAIN_DEFAULTS)
 
     def __init__(self, cfg: CoderConfig):
         super().__init__()

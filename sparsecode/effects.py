@@ -277,7 +277,7 @@ def load_target(run: str | Path, model: str | None = None, hook: str | None = No
     from .files import read_json
     from .interop import load_coder
     from .model import load_model
-    from .train import load_config
+    from .run_config import load_config
 
     run = Path(run)
     cfg = load_config(run)

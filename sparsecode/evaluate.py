@@ -16,8 +16,8 @@ from .diagnose.doctor import DIAGNOSIS, diagnose, record
 from .errors import SparsecodeError
 from .files import atomic_write_json, read_json, read_jsonl
 from .metrics import CodeStats, atom_cosines, effective_rank, frequency_histogram, perplexity, recovery, site_shares
+from .run_config import load_config
 from .splice import splice_store
-from .train import load_config
 
 MAX_NC_CODE_ELEMENTS = 1 << 26  # NC on dense codes holds a few float64 copies of [nc_rows, m]; above: skipped
 MAX_COSINE_ATOMS = 8192  # atom-pair cosines cost m²·d: above this, a fixed random subset of atoms

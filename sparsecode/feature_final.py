@@ -326,7 +326,7 @@ def finalize(run: Path, store: Any, coder: Any, atoms: Tensor, tally: Any, cfg: 
 def run_meta(run: Path, store: Any, coder: Any, atoms: Tensor, cfg: Any, n: int, score: str,
              rate: float | None, logits: bool, density: Tensor, tokenizer: Any) -> dict[str, Any]:
     """What the overview shows: the run, the store, the pass and the frequency histogram."""
-    from .train import load_config
+    from .run_config import load_config
 
     man = store.manifest
     edges = [-7.0 + 0.35 * i for i in range(21)]

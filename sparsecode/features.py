@@ -153,7 +153,7 @@ def coder_fingerprint(coder: Any) -> str:
 def resolve_store(run: Path, data: str | None):
     """The store to read: --data, else the store the run was trained on."""
     from .data.store import Store
-    from .train import load_config
+    from .run_config import load_config
 
     cfg = load_config(run)
     if data is None:

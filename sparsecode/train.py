@@ -13,7 +13,6 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,75 +22,17 @@ from tqdm import tqdm
 from . import checkpoint as ck
 from . import distributed
 from .coder import Coder, auto_dead_tokens, build, get_method, methods
-from .config import check, derive_seed, from_dict, non_negative, positive, to_dict
+from .config import check, derive_seed, positive, to_dict
 from .data.source import ActivationSource, SourceConfig, open_source, source_sites
 from .device import deterministic_kernels, pick_device
 from .errors import SparsecodeError
 from .files import failpoint, read_jsonl, sweep_temps, writing
 from .metrics import CodeStats
+from .run_config import CONFIG, TrainConfig, differing_fields, load_config
 
-CONFIG = "config.json"
+__all__ = ["CONFIG", "TrainConfig", "Trainer", "differing_fields", "load_config", "train"]
 RUN_FILES = {CONFIG, "metrics.jsonl", "checkpoints", ".lock", "eval.json", "diagnosis.json", "report", "origin.json",
              "features.sqlite"}
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run; saved as the run's config.json."""
-
-    method: str = "topk"
-    coder: dict[str, Any] = field(default_factory=dict)  # the method's options (its config dataclass)
-    source: SourceConfig | None = None  # None: an in-memory source handed to the Trainer ("memory")
-    steps: int = 1000
-    batch_size: int = 1024
-    lr: float = 1e-3
-    warmup_steps: int = 10  # linear warm-up steps (50 cost short runs FVU: BENCHMARKS.md, SAEs on real activations)
-    decay: str = "cosine"  # cosine | linear | constant, from lr down to lr * min_lr_ratio
-    min_lr_ratio: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    init_rows: int = 16384  # rows handed to init_from_data before training (k-means, b_dec)
-    seed: int = 0
-    log_every: int = 50
-    ckpt_every: int = 500
-    keep_checkpoints: int = 2
-    device: str = "auto"
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (autocast of the forward)
-    deterministic: bool = False  # deterministic kernels (CUDA resume bit-exact; slower); CPU runs always are
-
-    def validate(self) -> None:
-        get_method(self.method)
-        positive(self, "batch_size")
-        non_negative(self, "steps")  # 0: an imported run, never trained here (the Trainer needs steps > 0)
-        check(self.lr > 0 and math.isfinite(self.lr), f"lr must be positive, got {self.lr}")
-        non_negative(self, "warmup_steps")
-        check(self.decay in ("cosine", "linear", "constant"),
-              f"decay must be cosine, linear or constant, got {self.decay!r}")
-        check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        non_negative(self, "grad_clip", "init_rows")
-        check(self.log_every > 0 and self.ckpt_every > 0, "log_every and ckpt_every must be positive")
-        check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
-              f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        check(self.precision in ("auto", "fp32", "bf16"),
-              f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.source is not None:
-            self.source.validate()
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        if isinstance(data, dict) and isinstance(data.get("source"), dict):
-            data = {**data, "source": from_dict(SourceConfig, data["source"], "source")}
-        return from_dict(cls, data, "train")
-
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of lr at `step`: linear warm-up, then the chosen decay."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.decay == "constant":
-            return 1.0
-        t = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        shape = 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) if self.decay == "cosine" else 1 - min(t, 1.0)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
 
 
 class Trainer:
@@ -99,7 +40,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run: Path, source: ActivationSource | None = None,
                  progress: bool = True, reshard: bool = False):
-        cfg = copy.deepcopy(cfg)  # the run's own copy: the caller's config is never changed
+        cfg = copy.deepcopy(cfg).resolved()  # the run's own copy, the method's schedule filled in; the caller's stays
         cfg.validate()
         positive(cfg, "steps")
         # under torchrun: each of `world` ranks trains on its share of every batch; rank 0 writes the run
@@ -287,7 +228,9 @@ class Trainer:
             params = [p for group in self.opt.param_groups for p in group["params"]]
             distributed.average_grads(params)
             self.coder.after_backward()
-            if self.cfg.grad_clip:
+            if self.cfg.grad_norm == "unit":
+                unit_gradient(params)
+            elif self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
             self.opt.step()
         if self.sched is not None:
@@ -384,6 +327,14 @@ def train(cfg: TrainConfig, run: Path, source: ActivationSource | None = None, r
             return trainer.fit(on_step)
 
 
+def unit_gradient(params: list[torch.Tensor]) -> None:
+    """Scale the gradient to global norm 1 (`grad_norm` unit): Adam then weighs every step's direction alike, where
+    its second moment (β2 0.999) otherwise remembers the larger gradients of a run's first steps."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_div_(grads, torch.nn.utils.get_total_norm(grads).clamp_min(1e-12))
+
+
 def check_run_folder(run: Path) -> None:
     """Refuse an existing folder that holds files a run does not write (it is not a run: pick another)."""
     foreign = [p.name for p in run.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp")] \
@@ -391,27 +342,3 @@ def check_run_folder(run: Path) -> None:
     if foreign:
         raise SparsecodeError(f"{run} exists and is not a sparsecode run (it holds {', '.join(sorted(foreign)[:3])}"
                               f"); pick a new --out")
-
-
-def load_config(run: Path) -> TrainConfig:
-    run = Path(run)
-    if not run.is_dir():
-        raise SparsecodeError(f"run directory not found: {run}")
-    try:
-        return TrainConfig.from_dict(ck.read_json(run / CONFIG))
-    except SparsecodeError as e:
-        raise SparsecodeError(f"{run / CONFIG}: {e}") from None
-
-
-def differing_fields(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Names of the options (as saved in JSON; coder options as coder.NAME) where two configs differ."""
-    da, db = (json.loads(json.dumps(to_dict(c))) for c in (a, b))
-    out = []
-    for key in da:
-        if key in ignore or da[key] == db[key]:
-            continue
-        if isinstance(da[key], dict) and isinstance(db[key], dict):
-            out += [f"{key}.{k}" for k in sorted(set(da[key]) | set(db[key])) if da[key].get(k) != db[key].get(k)]
-        else:
-            out.append(key)
-    return out

@@ -45,6 +45,8 @@ def test_train_eval_info_methods(trained, capsys):
     (["train", "--source", "{tmp}/nan.npy", "--steps", "3", "--out", "{tmp}/r"], "contains NaN or inf"),
     (["train", "--steps", "0", "--out", "{tmp}/r"], "steps must be positive"),
     (["train", "--precision", "fp16", "--out", "{tmp}/r"], "precision must be auto, fp32 or bf16, got 'fp16'"),
+    (["train", "--grad-norm", "often", "--out", "{tmp}/r"], "grad_norm must be clip or unit, got 'often'"),
+    (["train", "--decay", "step", "--out", "{tmp}/r"], "decay must be cosine, linear or constant, got 'step'"),
     (["train", "--out", "{tmp}/r", "--resume"], "run directory not found"),
     (["eval", "{tmp}/nowhere"], "run directory not found"),
     (["eval", "{run}", "--data", "{tmp}/wide.npy"], "the data has d=5 but the run expects d_in=16"),

@@ -231,3 +231,41 @@ def test_a_checkpoint_of_another_optimizer_layout_is_refused_before_anything_is_
     with pytest.raises(SparsecodeError, match="optimizer has 1 parameter group"):
         train(TrainConfig(**{**cfg.__dict__, "steps": 8}), tmp_path / "run", resume=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+
+
+def test_a_methods_schedule_is_resolved_into_the_config_and_an_older_config_clipped(tmp_path):
+    """warmup_steps, decay and grad_norm left at None take the method's own (relu: SAELens's constant lr, no warm-up,
+    unit gradient) or the trainer's defaults, and config.json names them; a value given wins; a config saved before
+    grad_norm existed reads as clip, the way that run trained."""
+    from sparsecode.train import load_config
+
+    data = TensorSource(torch.randn(1024, 8))
+    for method, coder, want in (("relu", {"m": 32}, ("constant", 0, "unit")),
+                                ("topk", {"m": 32, "k": 4}, ("cosine", 10, "clip"))):
+        cfg = TrainConfig(method=method, coder=coder, steps=2, batch_size=64, init_rows=64)
+        train(cfg, tmp_path / method, source=data)
+        saved = json.loads((tmp_path / method / "config.json").read_text())
+        assert (saved["decay"], saved["warmup_steps"], saved["grad_norm"]) == want, method
+    cfg = TrainConfig(method="relu", coder={"m": 32}, steps=2, batch_size=64, init_rows=64, decay="linear")
+    train(cfg, tmp_path / "given", source=data)
+    assert load_config(tmp_path / "given").decay == "linear"
+    old = json.loads((tmp_path / "relu" / "config.json").read_text())
+    del old["grad_norm"]
+    (tmp_path / "relu" / "config.json").write_text(json.dumps(old))
+    assert load_config(tmp_path / "relu").grad_norm == "clip"
+
+
+@pytest.mark.parametrize("grad_norm", ["unit", "clip"])
+def test_grad_norm_unit_hands_adam_a_gradient_of_norm_one(tmp_path, grad_norm):
+    """grad_norm=unit scales every step's global gradient to norm 1; clip (at 1.0) leaves relu's small one alone."""
+    from sparsecode.train import Trainer
+
+    cfg = TrainConfig(method="relu", coder={"m": 64}, steps=3, batch_size=128, init_rows=128, grad_norm=grad_norm)
+    trainer = Trainer(cfg, tmp_path / "run", source=TensorSource(torch.randn(2048, 16)), progress=False)
+    trainer.train_step(torch.randn(128, 16))
+    grads = [p.grad for group in trainer.opt.param_groups for p in group["params"] if p.grad is not None]
+    norm = float(torch.nn.utils.get_total_norm(grads))
+    if grad_norm == "unit":
+        assert norm == pytest.approx(1.0, rel=1e-4)
+    else:
+        assert norm < 0.5

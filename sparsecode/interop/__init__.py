@@ -150,7 +150,7 @@ def check_line(r: dict[str, Any]) -> str:
 # --- export -------------------------------------------------------------------------------------------------
 def run_about(run: Path) -> dict[str, Any]:
     """Model, hook and corpus of a run's store (when it was trained on one) for the target's metadata."""
-    from ..train import load_config
+    from ..run_config import load_config
 
     cfg = load_config(run)
     about: dict[str, Any] = {}
@@ -168,7 +168,7 @@ def run_about(run: Path) -> dict[str, Any]:
 def held_out_rows(run: Path, coder: Coder, rows: int) -> tuple[Tensor | None, Tensor | None]:
     """(check rows, firing density over them) from the run's held-out split, or (None, None) without one."""
     from ..evaluate import batches, held_out_source
-    from ..train import load_config
+    from ..run_config import load_config
 
     cfg = load_config(run)
     if cfg.source is None or cfg.source.kind == "memory":
@@ -236,7 +236,7 @@ def import_folder(src: str | Path, out: str | Path, sae: str | None = None) -> d
     origin.json (format, source path, file digests, self-check). Nothing is written if any check fails."""
     from ..config import to_dict
     from ..data.source import SourceConfig
-    from ..train import TrainConfig
+    from ..run_config import TrainConfig
 
     out = Path(out)
     check_folder(out, "run folder")

@@ -7,6 +7,10 @@ its mean (`per_row_scale`), which makes λ independent of the data's scale, like
 weights each latent by the sum of its per-site decoder norms instead (Anthropic's crosscoders, 2024): an L1 over
 sites, so a latent pays for every site it writes and one that belongs to one site is pushed to zero elsewhere.
 
+It trains with SAELens's schedule for its standard SAE (`train_defaults`): a constant lr, no warm-up, and every
+step's gradient scaled to norm 1 (what SAELens's clip at 1.0 on a summed MSE amounts to): with the cosine decay
+and Adam's raw gradient, whose second moment remembers the large early steps, it trained worse (BENCHMARKS.md).
+
 The encoder is dense: gradients reach every latent with a positive pre-activation. A training step keeps
 z as [B, m] (its code has all m slots, x̂ is one matmul), so it never reads a width back from the device;
 `encode` packs the non-zeros into a narrower code, which reads the busiest row's count.
@@ -46,6 +50,7 @@ class ReLUSAE(SAE):
     transcodes = True  # d_out > 0: a (skip) transcoder; the L1 scale is the target's
     crosscodes = True  # sites > 1: each latent's L1 weight is the sum of its per-site decoder norms
     data_parallel = True  # its L1 scale is the whole batch's (per_row_scale), its counters reduced in track
+    train_defaults = {"decay": "constant", "warmup_steps": 0, "grad_norm": "unit"}
 
     def __init__(self, cfg: ReLUConfig):
         super().__init__(cfg)
