@@ -43,8 +43,7 @@ def coder_options(method: str, m: int, k: int) -> dict[str, Any]:
     base: dict[str, Any] = {"m": m, "dead_tokens": 20_000}
     per_method: dict[str, dict[str, Any]] = {
         "topafa": {"k": 4 * k, "afa_coef": 4.0},
-        "relu": {"l1_coef": 0.3},
-        "jumprelu": {"l0_coef": 0.03},
+        "relu": {"l1_coef": 0.5},
         "gba": {"freq_max": 0.1, "freq_min": 0.01, "groups": 4},
         "itda": {"k": k, "max_error": 0.2},
     }
