@@ -76,6 +76,9 @@ def _stopped(signum, frame) -> None:
                           f"others' output)")
 
 
+FAILED_GROUP = [False]  # set when a rank leaves its group with an error (`__main__` then exits at once)
+
+
 @contextmanager
 def launched(device_name: str) -> Iterator[None]:
     """Be one rank of torchrun's group while inside (nothing in one process, or if a group exists already);
@@ -100,6 +103,7 @@ def launched(device_name: str) -> Iterator[None]:
         yield
     except BaseException:
         failed = True  # this rank is ending with its own error: torchrun's SIGTERM must not interrupt its report
+        FAILED_GROUP[0] = True
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise
     finally:
