@@ -404,6 +404,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparsecode: interrupted{f' ({hint})' if hint else ''}", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -76,7 +76,12 @@ def _stopped(signum, frame) -> None:
                           f"others' output)")
 
 
-FAILED_GROUP = [False]  # set when a rank leaves its group with an error (`__main__` then exits at once)
+_failed_in_group = False  # set by `launched` when this rank leaves its group with an error
+
+
+def failed_in_group() -> bool:
+    """Whether this process left its torchrun group with an error (its exit then must not wait on gloo's threads)."""
+    return _failed_in_group
 
 
 @contextmanager
@@ -98,12 +103,12 @@ def launched(device_name: str) -> Iterator[None]:
     with _collective():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=seconds))
     signal.signal(signal.SIGTERM, _stopped)
+    global _failed_in_group
     failed = False
     try:
         yield
     except BaseException:
-        failed = True  # this rank is ending with its own error: torchrun's SIGTERM must not interrupt its report
-        FAILED_GROUP[0] = True
+        failed = _failed_in_group = True  # ending with its own error: torchrun's SIGTERM must not cut its report
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise
     finally:
