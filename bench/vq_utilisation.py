@@ -21,10 +21,13 @@ from pathlib import Path
 
 import torch
 
+from sparsecode.coder import auto_init_rows
 from sparsecode.data.source import SourceConfig, open_source
 from sparsecode.evaluate import evaluate
 from sparsecode.train import TrainConfig, train
+from sparsecode.vq.base import KMEANS_ROWS_PER_CODE
 
+PEER_DISTANCES = 2**30  # the peer's k-means holds an init rows × K distance matrix (and its copies): 4 GiB at most
 FSQ_LR = 3e-2  # fsq is two small linear maps: at 3e-3 it has not left its random start in 300 steps (FVU 0.64)
 
 
@@ -54,11 +57,18 @@ def steps_for(k: int, args) -> int:
     return max(args.min_steps, math.ceil(args.rows_per_code * k / args.batch))
 
 
+def init_rows(k: int, args) -> int:
+    """The init sample our k-means codebooks take by default at K (init_rows unset), handed to the peer as well."""
+    d = open_source(SourceConfig(kind="store", path=str(args.store), heldout=args.heldout), "train").d
+    return auto_init_rows(KMEANS_ROWS_PER_CODE, k, d)
+
+
 def peer(k: int, dead_code: float, args) -> dict:
-    """vector-quantize-pytorch on the same split, init sample, batches, steps and held-out rows (its venv)."""
+    """vector-quantize-pytorch on the same split, init sample (at most PEER_DISTANCES / K rows of it), batches, steps
+    and held-out rows (its venv)."""
     cmd = [str(args.peer_python), str(Path(__file__).parent / "contenders" / "vqp_utilisation.py"),
            "--store", str(args.store), "--heldout", str(args.heldout), "-K", str(k), "--steps", str(steps_for(k, args)),
-           "--batch", str(args.batch), "--init-rows", str(max(16384, 2 * k)), "--eval-rows",
+           "--batch", str(args.batch), "--init-rows", str(min(init_rows(k, args), PEER_DISTANCES // k)), "--eval-rows",
            str(args.eval_per_code * k), "--dead-code", str(dead_code)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     r = json.loads(out)
@@ -75,7 +85,7 @@ def measure(name: str, method: str, coder: dict, k: int, args) -> dict:
     steps = steps_for(k, args)
     cfg = TrainConfig(method=method, coder=coder, source=source, steps=steps, batch_size=args.batch,
                       lr=FSQ_LR if method == "fsq" else args.lr, warmup_steps=args.warmup, min_lr_ratio=0.01,
-                      log_every=1, ckpt_every=10**9, init_rows=max(16384, 2 * k))
+                      log_every=1, ckpt_every=10**9, init_rows=None if args.store else max(16384, 2 * k))
     with tempfile.TemporaryDirectory() as d:
         coder_ = train(cfg, Path(d))
         log = [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]

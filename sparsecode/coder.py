@@ -53,6 +53,16 @@ DEAD_TOKENS_CAP = 10_000_000  # Gao et al.'s dead window; the auto window never 
 DEAD_TOKENS_UNTIED = 1_000_000  # the window of a coder trained outside the trainer (no run length to tie it to)
 
 
+INIT_ROWS = 16384  # rows the trainer hands `init_from_data` when the run leaves init_rows unset...
+INIT_BYTES = 2**30  # ...or init_rows_per_atom · m rows where that is more, up to this much memory in fp32
+
+
+def auto_init_rows(per_atom: int, m: int, d: int) -> int:
+    """init_rows=None resolved when a run is created: INIT_ROWS, or `per_atom` rows per atom (the method's
+    `init_rows_per_atom`) where that is more, at most INIT_BYTES of fp32 rows of width d."""
+    return max(INIT_ROWS, min(per_atom * m, INIT_BYTES // (4 * max(d, 1))))
+
+
 def auto_dead_tokens(run_tokens: int, parts: int = 20) -> int:
     """dead_tokens=None resolved when a run is created: a `parts`-th of its tokens (the method's
     `dead_window_parts`), at most 10M (the paper's window).
@@ -102,6 +112,7 @@ class Coder(nn.Module):
     data_parallel: ClassVar[bool] = False
     dead_window_parts: ClassVar[int] = 20  # dead_tokens=None: a run's tokens over this (`auto_dead_tokens`)
     train_defaults: ClassVar[dict[str, Any]] = {}  # its own warmup_steps, decay, grad_norm (else TRAIN_DEFAULTS)
+    init_rows_per_atom: ClassVar[int] = 0  # a start fitted to the data (k-means) wants this many init rows per atom
 
     def __init__(self, cfg: CoderConfig):
         super().__init__()

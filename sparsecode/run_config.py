@@ -40,7 +40,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_norm: str | None = None  # clip: at grad_clip | unit: every step's gradient scaled to norm 1; None: method's
     grad_clip: float = 1.0  # max global gradient norm (grad_norm clip); 0 = off
-    init_rows: int = 16384  # rows handed to init_from_data before training (k-means, b_dec)
+    init_rows: int | None = None  # rows handed to init_from_data (k-means, b_dec); None: 16,384 or the method's
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 500
@@ -60,7 +60,9 @@ class TrainConfig:
               f"decay must be cosine, linear or constant, got {self.decay!r}")
         check(self.grad_norm in (None, "clip", "unit"), f"grad_norm must be clip or unit, got {self.grad_norm!r}")
         check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        non_negative(self, "grad_clip", "init_rows")
+        non_negative(self, "grad_clip")
+        if self.init_rows is not None:
+            non_negative(self, "init_rows")
         check(self.log_every > 0 and self.ckpt_every > 0, "log_every and ckpt_every must be positive")
         check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
               f"device must be auto, cpu or cuda[:N], got {self.device!r}")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ck
 from . import distributed
-from .coder import Coder, auto_dead_tokens, build, get_method, methods
+from .coder import Coder, auto_dead_tokens, auto_init_rows, build, get_method, methods
 from .config import check, derive_seed, positive, to_dict
 from .data.source import ActivationSource, SourceConfig, open_source, source_sites
 from .device import deterministic_kernels, pick_device
@@ -80,6 +80,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
             torch.manual_seed(derive_seed(cfg.seed, "init"))
             self.coder: Coder = build(cfg.method, cfg.coder).to(self.device)
+        if cfg.init_rows is None:  # resolved like dead_tokens, and saved in config.json
+            cfg.init_rows = auto_init_rows(self.coder.init_rows_per_atom, self.coder.cfg.m, self.coder.cfg.d_in)
         self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "train"))
         self.coder.generator = self.generator
         # draws inside a step (noise, restarts) come from a generator on the device, so a CUDA step never waits

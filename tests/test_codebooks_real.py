@@ -69,3 +69,40 @@ def test_refined_offsets_reconstruct_better_on_minilm(minilm_store, tmp_path, me
     refined, _ = run(minilm_store, tmp_path, method)
     frozen, _ = run(minilm_store, tmp_path / "frozen", method, refine=0.0)
     assert refined["fvu"] < frozen["fvu"] - 0.01 and refined["utilisation"] >= 0.99
+
+
+def test_restarts_act_in_a_run_shorter_than_their_wait(minilm_store, tmp_path):  # noqa: F811
+    """A codebook whose restart wait (restart_after·m rows) is longer than the run still restarts its unused codes in
+    the run's first half: the wait is capped at a quarter of the run (dead_tokens). Uncapped, nothing restarts. The
+    codes start at random, so the restarts alone bring them into use."""
+    source = SourceConfig(kind="store", path=str(minilm_store), heldout=0.25)
+    m, steps = 1024, 60  # 15,360 rows: less than restart_after·m = 16,384
+    result, restarts = {}, {}
+    for name, extra in (("capped", {}), ("uncapped", {"dead_tokens": 10**9})):
+        cfg = TrainConfig(method="vq", coder={"m": m, "init": "random", **extra}, source=source, steps=steps,
+                          batch_size=BATCH, lr=3e-3, log_every=1, ckpt_every=10**9)
+        coder_ = train(cfg, tmp_path / name)
+        log = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        restarts[name] = sum(r.get("restarts", 0.0) for r in log if r["step"] <= steps // 2)
+        result[name] = evaluate(coder_, open_source(source, "train"), rows=16 * m, details=False)
+    assert restarts["uncapped"] == 0 and restarts["capped"] > 0.05 * m, restarts
+    assert result["capped"]["utilisation"] > 0.5 > result["uncapped"]["utilisation"], result
+
+
+def test_a_kmeans_start_on_more_rows_per_code_fits_unseen_rows_better(minilm_store):  # noqa: F811
+    """The k-means start on KMEANS_ROWS_PER_CODE rows per code (the trainer's default sample for codebooks) quantizes
+    rows it has not seen better than one on 2 per code, which fits its own sample closely and new rows poorly."""
+    from sparsecode.coder import build
+    from sparsecode.metrics import fvu
+    from sparsecode.vq.base import KMEANS_ROWS_PER_CODE
+
+    m = 512
+    rows = open_source(SourceConfig(kind="store", path=str(minilm_store), heldout=0.25), "train")
+    x = rows.next_batch(KMEANS_ROWS_PER_CODE * m + 16 * m).float()
+    unseen = x[KMEANS_ROWS_PER_CODE * m:]
+    error = {}
+    for per_code in (2, KMEANS_ROWS_PER_CODE):
+        coder_ = build("vq", {"m": m, "d_in": x.shape[1]})
+        coder_.init_from_data(x[: per_code * m])
+        error[per_code] = fvu(unseen, coder_.decode(coder_.encode(unseen))).item()
+    assert error[KMEANS_ROWS_PER_CODE] < 0.85 * error[2], error

@@ -269,3 +269,20 @@ def test_grad_norm_unit_hands_adam_a_gradient_of_norm_one(tmp_path, grad_norm):
         assert norm == pytest.approx(1.0, rel=1e-4)
     else:
         assert norm < 0.5
+
+
+def test_an_unset_init_sample_is_sized_by_the_method_and_saved(tmp_path):
+    """init_rows=None: 16,384 rows, or 8 per code for a k-means codebook where that is more, capped by memory; the
+    resolved number is what config.json records. A number given wins."""
+    from sparsecode.coder import auto_init_rows
+
+    data = TensorSource(torch.randn(4096, 8))
+    for method, coder, want in (("vq", {"m": 4096}, 32768), ("topk", {"m": 4096, "k": 4}, 16384),
+                                ("vq", {"m": 4096, "init": "random"}, 32768)):
+        cfg = TrainConfig(method=method, coder=coder, steps=1, batch_size=64)
+        train(cfg, tmp_path / f"{method}{len(coder)}", source=data)
+        assert json.loads((tmp_path / f"{method}{len(coder)}" / "config.json").read_text())["init_rows"] == want
+    train(TrainConfig(method="vq", coder={"m": 4096}, steps=1, batch_size=64, init_rows=64), tmp_path / "given",
+          source=data)
+    assert json.loads((tmp_path / "given" / "config.json").read_text())["init_rows"] == 64
+    assert auto_init_rows(8, 10**6, 4096) == 2**30 // (4 * 4096)  # a wide model: 1 GiB of rows at most

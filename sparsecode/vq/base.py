@@ -40,6 +40,10 @@ def covariance_root(xc: Tensor) -> Tensor:
     return ((evecs * evals.clamp_min(0).sqrt()) @ evecs.t()).to(xc.dtype)
 
 
+RESTART_WINDOW_PARTS = 4  # a codebook's dead window (dead_tokens=None): a quarter of the run (`restart_age`)
+KMEANS_ROWS_PER_CODE = 8  # init rows per code for a k-means start (one on 2 per code fits new rows poorly)
+
+
 @dataclass
 class QuantizerConfig(SearchConfig):
     """Nearest-code lookup with a commitment loss: these methods' options and `vq`'s."""
@@ -84,6 +88,12 @@ def due_codes(coder: Coder, n_rows: int) -> tuple[Tensor, Tensor] | None:
     return cand, idle >= coder.idle_watch()
 
 
+def restart_age(coder: Coder) -> float:
+    """Rows a code goes unused before it restarts: restart_after·m (that many expected hits at uniform use), or the
+    run's dead window where that is shorter (`dead_tokens`: a quarter of the run), so restarts act in any run."""
+    return min(coder.cfg.restart_after * coder.cfg.m, coder.dead_tokens)
+
+
 @torch.no_grad()
 def draw_rows(coder: Coder, weight: Tensor, n: int) -> Tensor:
     """[n] distinct row indices drawn ∝ weight without replacement (the top keys w / Exp(1), as
@@ -103,6 +113,9 @@ def split_targets(coder: Coder, x: Tensor, q: Tensor, n: int) -> tuple[Tensor, T
 
 class Quantizer(Coder):
     """Nearest code of a computed codebook `codes()`; the codebook is cached while not training."""
+
+    dead_window_parts = RESTART_WINDOW_PARTS
+    init_rows_per_atom = KMEANS_ROWS_PER_CODE
 
     def __init__(self, cfg: QuantizerConfig):
         super().__init__(cfg)
@@ -132,7 +145,7 @@ class Quantizer(Coder):
         self.clear_cache()
 
     def idle_watch(self) -> float:
-        return self.cfg.restart_after * self.cfg.m
+        return restart_age(self)
 
     @torch.no_grad()
     def restart(self, x: Tensor, q: Tensor, codes: Tensor) -> Tensor:

@@ -39,6 +39,8 @@ class RVQ(Coder):
     """Stages of nearest-code quantization on the running residual."""
 
     config_class = RVQConfig
+    dead_window_parts = VQ.dead_window_parts  # each stage is a VQ: its restart window and k-means start
+    init_rows_per_atom = VQ.init_rows_per_atom
 
     def __init__(self, cfg: RVQConfig):
         super().__init__(cfg)

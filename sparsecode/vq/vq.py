@@ -7,11 +7,12 @@ for whatever feeds the quantizer. Remedies for collapse: k-means initialisation 
 and restart of long-unused codes. "Long" is measured in expected hits: a code restarts once it has gone unused
 for `restart_after`·m rows, as long as a code of uniform usage takes to be hit `restart_after` times, so a
 healthy codebook of any size sees about B·e^(−restart_after) restarts per step rather than churn that grows
-with m. Where a dead code goes (`restart_to`): `split` (default) halves a busy code, the code of a uniformly
-drawn batch row, by placing the dead one a step `split_step` from it toward that row, with half its EMA
-mass; `error` puts it on a row drawn ∝ its squared error (as k-means++ seeds). On real activations `error`
-lands codes on outlier rows that only they use, so they die again and restarts never settle; a split code
-takes about half of a cell the data fills, and stays in use.
+with m; but at most a quarter of the run (`dead_tokens`), so the first restarts come in the run's first half
+however large m is (`base.restart_age`). Where a dead code goes (`restart_to`): `split` (default) halves a
+busy code, the code of a uniformly drawn batch row, by placing the dead one a step `split_step` from it toward
+that row, with half its EMA mass; `error` puts it on a row drawn ∝ its squared error (as k-means++ seeds).
+On real activations `error` lands codes on outlier rows that only they use, so they die again and restarts
+never settle; a split code takes about half of a cell the data fills, and stays in use.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from ..code import Code, decode
 from ..coder import Coder, Output, register
 from ..config import check, positive
 from ..metrics import fvu
-from .base import QuantizerConfig, draw_rows, due_codes, split_targets
+from .base import (
+    KMEANS_ROWS_PER_CODE,
+    RESTART_WINDOW_PARTS,
+    QuantizerConfig,
+    draw_rows,
+    due_codes,
+    restart_age,
+    split_targets,
+)
 from .kmeans import KMeansConfig, kmeans
 from .search import nearest
 
@@ -55,6 +64,8 @@ class VQ(Coder):
 
     config_class = VQConfig
     data_parallel = True
+    dead_window_parts = RESTART_WINDOW_PARTS
+    init_rows_per_atom = KMEANS_ROWS_PER_CODE
 
     def __init__(self, cfg: VQConfig):
         super().__init__(cfg)
@@ -113,7 +124,7 @@ class VQ(Coder):
         self.codebook.copy_(self.ema_sum / size[:, None])
 
     def idle_watch(self) -> float:
-        return self.cfg.restart_after * self.cfg.m  # the host follows how many codes are due a restart
+        return restart_age(self)  # the host follows how many codes are due a restart
 
     @torch.no_grad()
     def restart(self, x: Tensor, idx: Tensor, q: Tensor) -> Tensor:
