@@ -33,7 +33,7 @@ def source_config(spec: str, options: list[str] | None, seed: int):
 
 
 TRAINING_FLAGS = ("steps", "batch_size", "lr", "log_every", "ckpt_every", "device", "precision", "warmup_steps",
-                  "decay", "grad_norm", "deterministic")
+                  "decay", "grad_norm", "init_rows", "deterministic")
 
 
 def requested_config(a: argparse.Namespace, base=None):
@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int, help="default: the method's (10 for most)")
     t.add_argument("--decay", help="cosine | linear | constant; default: the method's (cosine for most)")
     t.add_argument("--grad-norm", help="clip (at 1.0) | unit (every step's gradient at norm 1); default: the method's")
+    t.add_argument("--init-rows", type=int, help="rows the start is fitted to (k-means, b_dec); default: 8 per code "
+                   "for k-means codebooks, else 16,384")
     t.add_argument("--seed", type=int, help="default 0")
     t.add_argument("--log-every", type=int)
     t.add_argument("--ckpt-every", type=int)

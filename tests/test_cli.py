@@ -47,6 +47,7 @@ def test_train_eval_info_methods(trained, capsys):
     (["train", "--precision", "fp16", "--out", "{tmp}/r"], "precision must be auto, fp32 or bf16, got 'fp16'"),
     (["train", "--grad-norm", "often", "--out", "{tmp}/r"], "grad_norm must be clip or unit, got 'often'"),
     (["train", "--decay", "step", "--out", "{tmp}/r"], "decay must be cosine, linear or constant, got 'step'"),
+    (["train", "--init-rows", "-5", "--out", "{tmp}/r"], "init_rows must be"),
     (["train", "--out", "{tmp}/r", "--resume"], "run directory not found"),
     (["eval", "{tmp}/nowhere"], "run directory not found"),
     (["eval", "{run}", "--data", "{tmp}/wide.npy"], "the data has d=5 but the run expects d_in=16"),

@@ -2,8 +2,8 @@
 samples, frozen; only a linear projector P (d×d with bias, identity at the start) that maps the codebook
 into the latent space is trained, by the codebook loss: C = P(C₀).
 
-Set the run's `init_rows` ≥ m: the codebook is drawn from the rows handed to `init_from_data`
-(with fewer rows than codes, rows repeat and the copies start unused). Restarts (our addition, base.py) move
+The codebook is drawn from the rows handed to `init_from_data` (the run's `init_rows`, 8 per code unless set;
+with fewer rows than codes, rows repeat and the copies start unused). Restarts (our addition, base.py) move
 a long-unused code to split a busy one, and `refine` moves each used code's offset toward its rows' mean;
 `restart_after=0 refine=0` is the paper's method.
 """
