@@ -57,6 +57,11 @@ INIT_ROWS = 16384  # rows the trainer hands `init_from_data` when the run leaves
 INIT_BYTES = 2**30  # ...or init_rows_per_atom · m rows where that is more, up to this much memory in fp32
 
 
+def dead_window(cfg: CoderConfig) -> int:
+    """The dead window of a coder's config: its dead_tokens (the trainer resolves None), else DEAD_TOKENS_UNTIED."""
+    return cfg.dead_tokens if cfg.dead_tokens is not None else DEAD_TOKENS_UNTIED
+
+
 def auto_init_rows(per_atom: int, m: int, d: int) -> int:
     """init_rows=None resolved when a run is created: INIT_ROWS, or `per_atom` rows per atom (the method's
     `init_rows_per_atom`) where that is more, at most INIT_BYTES of fp32 rows of width d."""
@@ -217,8 +222,8 @@ class Coder(nn.Module):
 
     @property
     def dead_tokens(self) -> int:
-        """The dead window: the config's (the trainer resolves None), else DEAD_TOKENS_UNTIED."""
-        return self.cfg.dead_tokens if self.cfg.dead_tokens is not None else DEAD_TOKENS_UNTIED
+        """The dead window (`dead_window`)."""
+        return dead_window(self.cfg)
 
     def dead_mask(self) -> Tensor:
         return self.since_fired >= self.dead_tokens

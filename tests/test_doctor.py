@@ -52,10 +52,28 @@ def test_a_dead_window_longer_than_the_run(tmp_path):
     assert not any("dead window" in c for c in causes(tmp_path, "short", coder={**coder, "dead_tokens": 2000}, lr=1e-2))
 
 
+def test_a_restart_wait_longer_than_the_run(tmp_path):
+    """Codes started at random, restart_after·m past the run's end and a dead window set as long stay unused; with
+    the run's own window (a quarter of it) the restarts bring them into use and the cause is not named."""
+    vq = dict(method="vq", source=CLUSTERS, steps=60, lr=1e-3)
+    slow = {"m": 256, "init": "random", "restart_after": 100}
+    hit = named(findings(tmp_path, "long", coder={**slow, "dead_tokens": 10**6}, **vq),
+                "unused atoms:", "codes restart only after more unused rows than the run saw")
+    assert hit["fix"] == f"--set dead_tokens={60 * 256 // 4} (a quarter of the run), then retrain", hit
+    assert "min(restart_after·m, dead_tokens) = 25600 ≥ 15360" in hit["figure"], hit
+    assert not any(f["cause"].startswith("codes restart only after")
+                   for f in findings(tmp_path, "own", coder=slow, **vq))
+
+
 def test_restarts_that_never_settle(tmp_path):
     vq = dict(method="vq", source=CLUSTERS, steps=60, lr=1e-3)
-    assert "codes keep being moved after half the run" in causes(
-        tmp_path, "churn", coder={"m": 64, "init": "random", "restart_after": 0.01}, **vq)
+    hit = named(findings(tmp_path, "churn", coder={"m": 64, "init": "random", "restart_after": 0.01}, **vq),
+                "restarts that never settle", "codes keep being moved after half the run")
+    assert hit["fix"].startswith("--set restart_after=0.04 (now 0.01)"), hit
+    # the same wait set through the run's dead window instead: the fix names that window
+    hit = named(findings(tmp_path, "window", coder={"m": 64, "init": "random", "dead_tokens": 1}, **vq),
+                "restarts that never settle", "codes keep being moved after half the run")
+    assert hit["fix"].startswith("--set dead_tokens=2 (now 1)"), hit
     # 32 rows per code in a batch of 2,048: a code unused for restart_after·m = 512 rows is the rare exception
     calm = causes(tmp_path, "calm", coder={"m": 64}, batch_size=2048, **vq)
     assert "codes keep being moved after half the run" not in calm

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..coder import Coder
 from ..metrics import effective_rank
+from ..vq.base import restart_age
 from . import causes as c
 from .causes import Cause, Evidence, Finding
 
@@ -54,10 +55,10 @@ def unused_atoms(ev: Evidence) -> list[Finding]:
         found.append(Cause("the dead window is longer than the run, so AuxK never acted",
                            f"dead_tokens={o.dead_tokens} ≥ {tokens} tokens trained",
                            f"--set dead_tokens={max(1, tokens // 20)} (a twentieth of the run), then retrain"))
-    if getattr(o, "restart_after", 0) > 0 and o.restart_after * o.m >= tokens:
-        found.append(Cause("codes restart only after restart_after·m unused rows, more than the run saw",
-                           f"restart_after·m = {o.restart_after * o.m:.0f} ≥ {tokens} tokens trained",
-                           f"--set restart_after={max(tokens / (4 * o.m), 0.01):.3g}"))
+    if getattr(o, "restart_after", 0) > 0 and restart_age(o) >= tokens:
+        found.append(Cause("codes restart only after more unused rows than the run saw",
+                           f"min(restart_after·m, dead_tokens) = {restart_age(o):.0f} ≥ {tokens} tokens trained",
+                           f"--set dead_tokens={max(tokens // 4, 1)} (a quarter of the run), then retrain"))
     found += [c.dominant_dimension(ev), c.code_scale(ev), c.distinct_points(ev), c.learning_rate(ev)]
     used = int((ev.counts > 0).sum())
     return attach(what, found, Cause("no explicit check explains it", f"{share:.1%} unused",
@@ -152,10 +153,13 @@ def churning_restarts(ev: Evidence) -> list[Finding]:
     per_step = sum(late) / len(late)
     if per_step <= CHURN * ev.opts.m:
         return []
-    r = ev.opts.restart_after
+    o = ev.opts
+    wait = f"--set restart_after={o.restart_after * 4:.3g} (now {o.restart_after:.3g})"
+    if o.dead_tokens is not None and o.dead_tokens < o.restart_after * o.m:  # the run's window is the shorter wait
+        wait = f"--set dead_tokens={min(2 * o.dead_tokens, max(ev.tokens // 2, 1))} (now {o.dead_tokens})"
     return [Finding("restarts that never settle", "codes keep being moved after half the run",
-                    f"{per_step:.3g} restarts per step in the second half, over {CHURN:.1%} of the {ev.opts.m} codes",
-                    f"--set restart_after={r * 4:.3g} (now {r:.3g}): wait longer before moving a code")]
+                    f"{per_step:.3g} restarts per step in the second half, over {CHURN:.1%} of the {o.m} codes",
+                    f"{wait}: wait longer before moving a code")]
 
 
 def loss_curve(ev: Evidence) -> list[Finding]:

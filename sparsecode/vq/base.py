@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..code import Code, decode
-from ..coder import Coder, Output
+from ..coder import Coder, Output, dead_window
 from ..config import check, non_negative
 from ..metrics import fvu
 from .kmeans import kmeans
@@ -88,10 +88,10 @@ def due_codes(coder: Coder, n_rows: int) -> tuple[Tensor, Tensor] | None:
     return cand, idle >= coder.idle_watch()
 
 
-def restart_age(coder: Coder) -> float:
+def restart_age(cfg: QuantizerConfig) -> float:
     """Rows a code goes unused before it restarts: restart_after·m (that many expected hits at uniform use), or the
     run's dead window where that is shorter (`dead_tokens`: a quarter of the run), so restarts act in any run."""
-    return min(coder.cfg.restart_after * coder.cfg.m, coder.dead_tokens)
+    return min(cfg.restart_after * cfg.m, dead_window(cfg))
 
 
 @torch.no_grad()
@@ -145,7 +145,7 @@ class Quantizer(Coder):
         self.clear_cache()
 
     def idle_watch(self) -> float:
-        return restart_age(self)
+        return restart_age(self.cfg)
 
     @torch.no_grad()
     def restart(self, x: Tensor, q: Tensor, codes: Tensor) -> Tensor:

@@ -124,7 +124,7 @@ class VQ(Coder):
         self.codebook.copy_(self.ema_sum / size[:, None])
 
     def idle_watch(self) -> float:
-        return restart_age(self)  # the host follows how many codes are due a restart
+        return restart_age(self.cfg)  # the host follows how many codes are due a restart
 
     @torch.no_grad()
     def restart(self, x: Tensor, idx: Tensor, q: Tensor) -> Tensor:
