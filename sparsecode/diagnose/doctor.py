@@ -155,8 +155,9 @@ def churning_restarts(ev: Evidence) -> list[Finding]:
         return []
     o = ev.opts
     wait = f"--set restart_after={o.restart_after * 4:.3g} (now {o.restart_after:.3g})"
-    if o.dead_tokens is not None and o.dead_tokens < o.restart_after * o.m:  # the run's window is the shorter wait
-        wait = f"--set dead_tokens={min(2 * o.dead_tokens, max(ev.tokens // 2, 1))} (now {o.dead_tokens})"
+    window = restart_age(o)
+    if window < o.restart_after * o.m:  # the run's dead window is the shorter wait
+        wait = f"--set dead_tokens={min(2 * window, max(ev.tokens // 2, 1)):.0f} (now {window:.0f})"
     return [Finding("restarts that never settle", "codes keep being moved after half the run",
                     f"{per_step:.3g} restarts per step in the second half, over {CHURN:.1%} of the {o.m} codes",
                     f"{wait}: wait longer before moving a code")]
